@@ -304,4 +304,6 @@ class Conversation:
         try:
             return cls.from_json(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is not valid JSON ({error.msg} at line {error.lineno})")
+            raise ValueError(
+                f"{path} is not valid JSON ({error.msg} at line {error.lineno})"
+            ) from None

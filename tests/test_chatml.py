@@ -89,7 +89,7 @@ def test_typed_special_tokens_stay_text(any_qwen_tokenizer, where, attack):
         history = [(parts["history_user"], parts["history_reply"])]
         return format_prompt(any_qwen_tokenizer, parts["message"], history, system=parts["system"])
 
-    clean_text, clean_ids = build(clean)
+    _, clean_ids = build(clean)
     dirty_text, dirty_ids = build(dirty)
     # The structure (where control tokens sit, relative to the segments) is unchanged ...
     assert len(control_positions(dirty_ids)) == len(control_positions(clean_ids)) == 9
@@ -192,7 +192,7 @@ def test_non_chatml_tokenizer_is_refused():
 def test_missing_tokenizer_path_is_one_clear_error(tmp_path):
     with pytest.raises(ChatMLError, match="no tokenizer at"):
         ChatTokenizer.load(tmp_path / "nope")
-    with pytest.raises(ChatMLError, match="no tokenizer.json"):
+    with pytest.raises(ChatMLError, match=r"no tokenizer\.json"):
         ChatTokenizer.load(tmp_path)
 
 
