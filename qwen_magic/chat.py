@@ -1,0 +1,317 @@
+"""``QwenChat``: chat with a local Qwen model from plain Python.
+
+The same object serves the notebook magics (through :meth:`QwenChat.reply`) and scripts that
+want the tutorial's interface::
+
+    with QwenChat("demo", max_model_len=4096) as bot:
+        response, history = bot.chat("What is the capital of France?")
+        response, history = bot.chat("And of Italy?", history=history)
+        for text in bot.stream("Tell me a joke"):
+            print(text, end="")
+
+Prompts are built as ChatML token ids (``qwen_magic.chatml``) and trimmed to fit the context
+(``qwen_magic.history``); the token budget is recomputed on every call as the context length
+minus the reply's ``max_tokens``, so long sessions never run out of room.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qwen_magic.chatml import SEED_SYSTEM, ChatFormatter
+from qwen_magic.engine import (
+    DEFAULT_MAX_TOKENS,
+    Engine,
+    EngineError,
+    EngineOptions,
+    validate_sampling,
+)
+from qwen_magic.history import Conversation, PromptPlan
+
+__all__ = ["QwenChat", "Reply"]
+
+
+@dataclass
+class Reply:
+    """What one request produced.
+
+    Attributes:
+        texts: One text per sample; partial when ``interrupted``.
+        plan: How the prompt was built from the conversation (None for raw completions).
+        sampling: The sampling values actually sent to vLLM (user's over model defaults).
+        finish_reasons: Per sample: "stop", "length", or None when cut short.
+        interrupted: A KeyboardInterrupt stopped generation.
+        num_prompt_tokens: Prompt length in tokens.
+        num_generated_tokens: Tokens generated over all samples.
+        elapsed_s: Wall time of generation.
+        prompt_text: The prompt as text.
+        prompt_token_ids: The prompt's token ids.
+    """
+
+    texts: list[str]
+    plan: PromptPlan | None
+    sampling: dict[str, Any]
+    finish_reasons: list[str | None]
+    interrupted: bool
+    num_prompt_tokens: int
+    num_generated_tokens: int
+    elapsed_s: float
+    prompt_text: str = ""
+    prompt_token_ids: list[int] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        """The first sample's text (the one that joins the history)."""
+        return self.texts[0]
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Generation speed over all samples."""
+        return self.num_generated_tokens / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+
+class QwenChat:
+    """A loaded Qwen model plus its ChatML formatter.
+
+    Args:
+        model: "demo" or None (the demo model), "tiny", a local folder, or a hub id.
+        progress: Called with loading phase messages.
+        verbose: Show vLLM's logs.
+        **engine_options: Fields of :class:`qwen_magic.engine.EngineOptions`
+            (``max_model_len=4096``, ``dtype="bfloat16"``, ...).
+
+    Raises:
+        EngineError: The model cannot be found or loaded.
+        TypeError: An unknown engine option.
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        progress: Callable[[str], None] | None = None,
+        verbose: bool = False,
+        **engine_options: Any,
+    ) -> None:
+        from qwen_magic.models import resolve_model
+
+        options = EngineOptions(model=resolve_model(model), **engine_options)
+        self.engine = Engine(options, progress=progress, verbose=verbose)
+        try:
+            source: Any = options.model
+            if not Path(options.model).is_dir():  # hub id or .gguf: vLLM's tokenizer
+                source = self.engine.tokenizer()
+            self.formatter = ChatFormatter(source)
+        except BaseException:
+            self.engine.shutdown()
+            raise
+
+    def __repr__(self) -> str:
+        return f"QwenChat({self.engine!r})"
+
+    def __enter__(self) -> QwenChat:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Shut the engine down and free its memory."""
+        self.engine.shutdown()
+
+    def chat(
+        self,
+        prompt: str,
+        history: Sequence[tuple[str, str]] | None = None,
+        system: str | None = SEED_SYSTEM,
+        **sampling: Any,
+    ) -> tuple[str, list[tuple[str, str]]]:
+        """Reply to ``prompt`` after ``history`` (the tutorial's interface).
+
+        Args:
+            prompt: The user's message.
+            history: Past ``(query, response)`` pairs; not modified.
+            system: The system prompt; None uses the model template's default.
+            **sampling: temperature, top_p, top_k, min_p, max_tokens, repetition_penalty,
+                presence_penalty, frequency_penalty, seed, stop, n.
+
+        Returns:
+            The reply and a new history list with ``(prompt, reply)`` appended.
+        """
+        pairs = [(str(query), str(response)) for query, response in history or []]
+        conversation = Conversation.from_pairs(pairs, system=system)
+        reply = self.reply(conversation, prompt, **sampling)
+        return reply.text, [*pairs, (prompt, reply.text)]
+
+    def stream(
+        self,
+        prompt: str,
+        history: Sequence[tuple[str, str]] | None = None,
+        system: str | None = SEED_SYSTEM,
+        **sampling: Any,
+    ) -> Iterator[str]:
+        """Like :meth:`chat`, but yield the reply's text as it is generated.
+
+        Stopping the iteration early aborts the request. The history is not extended: append
+        ``(prompt, "".join(pieces))`` yourself.
+        """
+        if sampling.get("n", 1) != 1:
+            raise ValueError("stream() yields one reply: use reply(..., n=...) for several")
+        sampling.pop("n", None)
+        pairs = [(str(query), str(response)) for query, response in history or []]
+        conversation = Conversation.from_pairs(pairs, system=system)
+        plan, values = self._plan(conversation, prompt, sampling, use_history=True, key=None)
+        stop = self.formatter.tokenizer.stop_token_ids
+        for delta in self.engine.stream(plan.token_ids, stop_token_ids=stop, **values):
+            if delta.text:
+                yield delta.text
+
+    def reply(
+        self,
+        conversation: Conversation,
+        message: str,
+        *,
+        key: str | None = None,
+        use_history: bool = True,
+        n: int = 1,
+        on_delta: Callable[[int, str], None] | None = None,
+        enable_thinking: bool | None = None,
+        **sampling: Any,
+    ) -> Reply:
+        """Answer ``message`` within ``conversation`` and record the turn (sample 0).
+
+        Args:
+            conversation: Supplies system prompt and history; receives the new turn.
+            message: The user's message.
+            key: Records the turn under this key, replacing an earlier turn with it.
+            use_history: False shows the model only the system prompt and the message.
+            n: Number of samples; only the first joins the history.
+            on_delta: Called as ``on_delta(index, text)`` for every piece of new text.
+            enable_thinking: Qwen3's thinking switch.
+            **sampling: See :meth:`chat`.
+
+        Returns:
+            The :class:`Reply`.
+
+        Raises:
+            KeyboardInterrupt: Generation was interrupted. The request is aborted, the partial
+                first sample is recorded as an interrupted turn (``conversation.undo()`` removes
+                it), and the partial :class:`Reply` is attached as ``exc.reply``.
+        """
+        _check_n(n)
+        plan, values = self._plan(
+            conversation,
+            message,
+            sampling,
+            use_history=use_history,
+            key=key,
+            enable_thinking=enable_thinking,
+        )
+        try:
+            reply = self._run(plan.token_ids, plan.text, plan, values, n=n, on_delta=on_delta)
+        except KeyboardInterrupt as interrupt:
+            partial: Reply = interrupt.reply  # type: ignore[attr-defined]
+            conversation.record(plan.message, partial.text, key=key, interrupted=True)
+            raise
+        conversation.record(plan.message, reply.text, key=key)
+        return reply
+
+    def complete(
+        self,
+        text: str,
+        *,
+        n: int = 1,
+        on_delta: Callable[[int, str], None] | None = None,
+        **sampling: Any,
+    ) -> Reply:
+        """Continue ``text`` as plain text, without chat formatting (``%%qwen --raw``).
+
+        Raises:
+            KeyboardInterrupt: As in :meth:`reply` (nothing is recorded).
+        """
+        _check_n(n)
+        ids = self.formatter.tokenizer.encode_text(text)
+        values = self.engine.resolve_sampling(len(ids), **sampling)
+        return self._run(ids, text, None, values, n=n, on_delta=on_delta)
+
+    def _plan(
+        self,
+        conversation: Conversation,
+        message: str,
+        sampling: dict[str, Any],
+        *,
+        use_history: bool,
+        key: str | None,
+        enable_thinking: bool | None = None,
+    ) -> tuple[PromptPlan, dict[str, Any]]:
+        """Fit the prompt into this call's budget and resolve the sampling values."""
+        given = validate_sampling(sampling)
+        max_tokens = given.get("max_tokens", DEFAULT_MAX_TOKENS)
+        budget = self.engine.max_model_len - max_tokens
+        if budget < 1:
+            raise EngineError(
+                f"max_tokens={max_tokens} leaves no room for a prompt in the "
+                f"{self.engine.max_model_len}-token context: lower max_tokens"
+            )
+        plan = conversation.prepare(
+            self.formatter,
+            message,
+            budget=budget,
+            use_history=use_history,
+            key=key,
+            enable_thinking=enable_thinking,
+        )
+        return plan, self.engine.resolve_sampling(len(plan.token_ids), **given)
+
+    def _run(
+        self,
+        prompt_ids: list[int],
+        prompt_text: str,
+        plan: PromptPlan | None,
+        values: dict[str, Any],
+        *,
+        n: int,
+        on_delta: Callable[[int, str], None] | None,
+    ) -> Reply:
+        """Stream one request; on KeyboardInterrupt attach the partial Reply and re-raise."""
+        texts = [""] * n
+        reasons: list[str | None] = [None] * n
+        generated = 0
+        started = time.perf_counter()
+
+        def build(interrupted: bool) -> Reply:
+            return Reply(
+                texts=list(texts),
+                plan=plan,
+                sampling=dict(values, n=n),
+                finish_reasons=list(reasons),
+                interrupted=interrupted,
+                num_prompt_tokens=len(prompt_ids),
+                num_generated_tokens=generated,
+                elapsed_s=time.perf_counter() - started,
+                prompt_text=prompt_text,
+                prompt_token_ids=list(prompt_ids),
+            )
+
+        stop = self.formatter.tokenizer.stop_token_ids
+        try:
+            for delta in self.engine.stream(prompt_ids, n=n, stop_token_ids=stop, **values):
+                texts[delta.index] += delta.text
+                generated += len(delta.token_ids)
+                if delta.finished:
+                    reasons[delta.index] = delta.finish_reason
+                if on_delta is not None and delta.text:
+                    on_delta(delta.index, delta.text)
+        except KeyboardInterrupt as interrupt:
+            interrupt.reply = build(True)  # type: ignore[attr-defined]
+            raise
+        return build(False)
+
+
+def _check_n(n: int) -> None:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a whole number >= 1, got {n!r}")
