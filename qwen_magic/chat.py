@@ -50,6 +50,7 @@ class Reply:
         elapsed_s: Wall time of generation.
         prompt_text: The prompt as text.
         prompt_token_ids: The prompt's token ids.
+        num_cached_tokens: Prompt tokens served from vLLM's prefix cache (None if unknown).
     """
 
     texts: list[str]
@@ -62,6 +63,7 @@ class Reply:
     elapsed_s: float
     prompt_text: str = ""
     prompt_token_ids: list[int] = field(default_factory=list)
+    num_cached_tokens: int | None = None
 
     @property
     def text(self) -> str:
@@ -281,6 +283,7 @@ class QwenChat:
         texts = [""] * n
         reasons: list[str | None] = [None] * n
         generated = 0
+        cached: int | None = None
         started = time.perf_counter()
 
         def build(interrupted: bool) -> Reply:
@@ -295,6 +298,7 @@ class QwenChat:
                 elapsed_s=time.perf_counter() - started,
                 prompt_text=prompt_text,
                 prompt_token_ids=list(prompt_ids),
+                num_cached_tokens=cached,
             )
 
         stop = self.formatter.tokenizer.stop_token_ids
@@ -302,6 +306,8 @@ class QwenChat:
             for delta in self.engine.stream(prompt_ids, n=n, stop_token_ids=stop, **values):
                 texts[delta.index] += delta.text
                 generated += len(delta.token_ids)
+                if delta.num_cached_tokens is not None:
+                    cached = delta.num_cached_tokens
                 if delta.finished:
                     reasons[delta.index] = delta.finish_reason
                 if on_delta is not None and delta.text:

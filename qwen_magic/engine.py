@@ -54,6 +54,7 @@ SAMPLING_KEYS = (
     "frequency_penalty",
     "seed",
     "stop",
+    "ignore_eos",  # fixed-length replies, for benchmarks
 )
 GENERATION_DEFAULT_KEYS = (
     "temperature",
@@ -195,6 +196,7 @@ class Delta:
         token_ids: The new token ids.
         finished: This sample is complete.
         finish_reason: "stop" (stop token or string), "length" (max_tokens), "abort", or None.
+        num_cached_tokens: Prompt tokens vLLM took from its prefix cache (None if unknown).
     """
 
     index: int
@@ -202,6 +204,7 @@ class Delta:
     token_ids: tuple[int, ...] = ()
     finished: bool = False
     finish_reason: str | None = None
+    num_cached_tokens: int | None = None
 
 
 def _import_vllm() -> ModuleType:
@@ -412,6 +415,7 @@ class Engine:
                                 token_ids=tuple(sample.token_ids),
                                 finished=finished,
                                 finish_reason=sample.finish_reason,
+                                num_cached_tokens=getattr(output, "num_cached_tokens", None),
                             )
         finally:
             if not done:
@@ -557,6 +561,8 @@ def validate_sampling(sampling: dict[str, Any]) -> dict[str, Any]:
             value = given[key]
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not check(value):
                 raise ValueError(f"{key} must be {allowed}, got {value!r}")
+    if not isinstance(given.get("ignore_eos", False), bool):
+        raise ValueError(f"ignore_eos must be True or False, got {given['ignore_eos']!r}")
     if "stop" in given:
         stop = given["stop"]
         given["stop"] = [stop] if isinstance(stop, str) else list(stop)

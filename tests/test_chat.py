@@ -108,6 +108,22 @@ def test_budget_is_recomputed_every_call(bot: QwenChat) -> None:
     assert plan.num_tokens <= room - 1800 and plan.dropped_turns > 0
 
 
+def test_follow_up_turn_reuses_the_prefix_cache(bot: QwenChat) -> None:
+    """The next turn re-sends the history with identical ids, so vLLM serves it from cache."""
+    conversation = Conversation(system="You are terse.")
+    first = bot.reply(conversation, "context " * 300, max_tokens=4, temperature=0)
+    follow_up = bot.reply(conversation, "And then?", max_tokens=4, temperature=0)
+    assert first.num_cached_tokens == 0
+    assert follow_up.num_cached_tokens is not None
+    assert follow_up.num_cached_tokens >= len(first.prompt_token_ids) - 64  # whole blocks
+
+
+def test_ignore_eos_gives_fixed_length_replies(bot: QwenChat) -> None:
+    reply = bot.reply(Conversation(), "x", max_tokens=12, ignore_eos=True, temperature=0)
+    assert reply.num_generated_tokens == 12
+    assert reply.sampling["ignore_eos"] is True
+
+
 def test_complete_continues_plain_text(bot: QwenChat) -> None:
     reply = bot.complete("def add(a, b):", max_tokens=4, temperature=0)
     assert reply.plan is None and reply.prompt_text == "def add(a, b):"
