@@ -1,0 +1,547 @@
+"""The magics through a real InteractiveShell: pure display logic first, then the real engine.
+
+Engine tests share one tiny random-weight model per module (loaded once by ``loaded``); they
+check what the engine actually received (``Reply.sampling``, ``Reply.plan``) and, where cheap,
+how it behaved.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from IPython.core.error import UsageError
+from IPython.core.interactiveshell import InteractiveShell
+from IPython.testing.globalipapp import start_ipython
+from IPython.utils.capture import capture_output
+
+from qwen_magic import display
+from qwen_magic.history import Conversation, Turn
+from qwen_magic.magics import SAMPLING_NAMES, QwenMagics, check_sampling
+
+SAMPLING_FLAGS = {
+    "temperature": ("-t 0.5", 0.5),
+    "top_p": ("--top-p 0.9", 0.9),
+    "top_k": ("--top-k 7", 7),
+    "min_p": ("--min-p 0.05", 0.05),
+    "max_tokens": ("--max-tokens 5", 5),
+    "repetition_penalty": ("--repetition-penalty 1.3", 1.3),
+    "presence_penalty": ("--presence-penalty 0.4", 0.4),
+    "frequency_penalty": ("--frequency-penalty -0.4", -0.4),
+    "seed": ("--seed 11", 11),
+}
+
+
+@pytest.fixture(scope="module")
+def ip() -> InteractiveShell:
+    shell = start_ipython()
+    shell.run_line_magic("load_ext", "qwen_magic")
+    yield shell
+    shell.run_line_magic("unload_ext", "qwen_magic")
+
+
+@pytest.fixture
+def magics(ip: InteractiveShell) -> QwenMagics:
+    ip.config.pop("QwenMagics", None)  # %config keeps values (even refused ones) there
+    magics = ip.magics_manager.registry["QwenMagics"]
+    magics.conversations.clear()
+    magics._own_system.clear()
+    for name in (*SAMPLING_NAMES, "system"):
+        setattr(magics, name, None)
+    magics.display_mode = "terminal"
+    return magics
+
+
+def history_state(magics: QwenMagics) -> list[tuple[str | None, list[tuple[str, str]]]]:
+    return [(c.system, c.pairs()) for c in magics.conversations.values()]
+
+
+# ---------------------------------------------------------------- extension and config
+
+
+def test_load_ext_is_lazy_and_instant() -> None:
+    code = (
+        "import sys, time\n"
+        "from IPython.testing.globalipapp import start_ipython\n"
+        "ip = start_ipython()\n"
+        "start = time.perf_counter()\n"
+        "ip.run_line_magic('load_ext', 'qwen_magic')\n"
+        "took = time.perf_counter() - start\n"
+        "heavy = [m for m in ('vllm', 'torch', 'transformers') if m in sys.modules]\n"
+        "print(heavy, took, 'qwen' in ip.magics_manager.magics['cell'])\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    heavy, took, registered = result.stdout.strip().rsplit(" ", 2)[0], *result.stdout.split()[-2:]
+    assert heavy == "[]"
+    assert float(took) < 2.0
+    assert registered == "True"
+
+
+def test_unload_ext_removes_magics_and_reload_works(ip: InteractiveShell) -> None:
+    ip.run_line_magic("unload_ext", "qwen_magic")
+    assert "qwen" not in ip.magics_manager.magics["cell"]
+    assert "QwenMagics" not in ip.magics_manager.registry
+    ip.run_line_magic("load_ext", "qwen_magic")
+    assert "qwen_load" in ip.magics_manager.magics["line"]
+
+
+def test_terminal_shell_streams_plain_text(magics: QwenMagics) -> None:
+    magics.display_mode = "auto"
+    assert magics.notebook is False  # no kernel: plain text (the kernel test covers Jupyter)
+
+
+def test_help_is_generated(ip: InteractiveShell, capsys: pytest.CaptureFixture[str]) -> None:
+    ip.run_cell("%%qwen?")
+    out = capsys.readouterr().out
+    for flag in ("--temperature", "--top-p", "--show-prompt", "--raw", "--chat", "-o"):
+        assert flag in out
+
+
+@pytest.mark.parametrize(
+    ("name", "bad"),
+    [("temperature", -1), ("top_p", 0), ("top_p", 1.5), ("min_p", 2), ("max_tokens", 0)],
+)
+def test_config_refuses_out_of_range(
+    ip: InteractiveShell, magics: QwenMagics, name: str, bad: float, caplog: Any
+) -> None:
+    ip.run_line_magic("config", f"QwenMagics.{name} = {bad}")  # IPython logs the refusal
+    assert getattr(magics, name) is None
+    assert f"QwenMagics.{name} must be" in caplog.text
+
+
+def test_reload_ext_survives_a_refused_config(ip: InteractiveShell) -> None:
+    ip.run_line_magic("config", "QwenMagics.top_p = 1.5")  # refused, yet kept in ip.config
+    ip.run_line_magic("config", "QwenMagics.top_k = 5")
+    ip.run_line_magic("config", "QwenMagics.system = 'Be brief.'")
+    with pytest.warns(UserWarning, match=r"top_p must be in \(0, 1\], got 1.5: ignored"):
+        ip.run_line_magic("reload_ext", "qwen_magic")
+    magics = ip.magics_manager.registry["QwenMagics"]
+    assert magics.top_p is None and magics.top_k == 5
+    assert magics.conversation().system == "Be brief."
+
+
+def test_config_sets_default(ip: InteractiveShell, magics: QwenMagics) -> None:
+    ip.run_line_magic("config", "QwenMagics.temperature = 0.3")
+    assert magics.sampling_config() == {"temperature": 0.3}
+
+
+def test_check_sampling_table() -> None:
+    check_sampling("top_k", -1)
+    check_sampling("temperature", 0)
+    with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\], got 0"):
+        check_sampling("top_p", 0)
+
+
+# ---------------------------------------------------------------- mistakes before a model
+
+
+@pytest.mark.parametrize(
+    ("line", "cell", "match"),
+    [
+        ("", "hello", "run %qwen_load"),
+        ("", "   \n", "the cell is empty"),
+        ("--bogus", "hello", "unrecognized arguments"),
+        ("-t -1", "hello", "temperature must be >= 0"),
+        ("--top-p 0", "hello", r"top_p must be in \(0, 1\]"),
+        ("--top-p 1.01", "hello", r"top_p must be in \(0, 1\]"),
+        ("-n 0", "hello", "-n must be at least 1"),
+        ("-t warm", "hello", "invalid float value"),
+        ("history", "hello", "run %qwen history on a line"),
+    ],
+)
+def test_user_mistakes_are_one_line(
+    ip: InteractiveShell, magics: QwenMagics, line: str, cell: str, match: str
+) -> None:
+    magics.conversation().record("kept", "intact")
+    before = history_state(magics)
+    with pytest.raises(UsageError, match=match):
+        ip.run_cell_magic("qwen", line, cell)
+    assert history_state(magics) == before
+
+
+def test_line_magic_needs_a_command(ip: InteractiveShell, magics: QwenMagics) -> None:
+    with pytest.raises(UsageError, match="needs a command"):
+        ip.run_line_magic("qwen", "")
+
+
+def test_missing_model_path(ip: InteractiveShell, magics: QwenMagics) -> None:
+    with pytest.raises(UsageError, match="no model folder at /no/such/model: pass a local folder"):
+        ip.run_line_magic("qwen_load", "/no/such/model")
+    assert magics.chat is None
+
+
+# ---------------------------------------------------------------- history commands
+
+
+def test_history_clear_undo_export_import(
+    ip: InteractiveShell, magics: QwenMagics, tmp_path: Path, capsys: Any
+) -> None:
+    work = magics.conversation("work")
+    work.record("q1", "a1")
+    work.record("q2", "a2", interrupted=True)
+    ip.run_line_magic("qwen", "history --chat work")
+    out = capsys.readouterr().out
+    assert "q1" in out and "a2" in out and display.INTERRUPTED in out
+
+    ip.run_line_magic("qwen", f"export {tmp_path / 'work.json'} --chat work")
+    ip.run_line_magic("qwen", f"export {tmp_path / 'work.md'} --chat work")
+    assert "## Turn 2" in (tmp_path / "work.md").read_text()
+    ip.run_line_magic("qwen", "undo --chat work")
+    assert work.pairs() == [("q1", "a1")]
+    ip.run_line_magic("qwen", "clear --chat work")
+    assert len(work) == 0 and len(magics.conversation()) == 0
+
+    ip.run_line_magic("qwen", f"import {tmp_path / 'work.json'} --chat other")
+    assert magics.conversation("other").pairs() == [("q1", "a1"), ("q2", "a2")]
+    assert magics.conversation("other").turns[1].interrupted
+    with pytest.raises(UsageError, match="no file"):
+        ip.run_line_magic("qwen", f"import {tmp_path / 'missing.json'}")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(UsageError, match="not valid JSON"):
+        ip.run_line_magic("qwen", f"import {tmp_path / 'bad.json'}")
+    with pytest.raises(UsageError, match=r"use a \.json or \.md"):
+        ip.run_line_magic("qwen", f"export {tmp_path / 'x.txt'}")
+    assert magics.conversation("other").pairs() == [("q1", "a1"), ("q2", "a2")]
+
+
+def test_config_system_follows_unless_set_with_flag(magics: QwenMagics) -> None:
+    plain = magics.conversation()
+    own = magics.conversation("own")
+    magics._own_system.add("own")
+    own.system = "mine"
+    magics.system = "Be brief."
+    assert plain.system == "Be brief." and own.system == "mine"
+    assert magics.conversation("later").system == "Be brief."
+
+
+# ---------------------------------------------------------------- pure display logic
+
+
+def test_stream_is_throttled_by_time_with_a_final_update() -> None:
+    now = [0.0]
+    published: list[dict[str, Any]] = []
+    stream = display.ReplyStream(1, notebook=True, clock=lambda: now[0])
+    stream.output.set = published.append  # type: ignore[method-assign]
+    for _ in range(100):  # 100 deltas in 1 s of fake time: at most 20 updates
+        stream.on_delta(0, "x")
+        now[0] += 0.01
+    assert 15 <= stream.updates <= 21
+    stream.finish(interrupted=True)
+    assert published[-1]["text/markdown"] == "x" * 100 + f"\n\n*{display.INTERRUPTED}*"
+
+
+def test_notebook_stream_updates_one_display(ip: InteractiveShell) -> None:
+    with capture_output() as captured:
+        stream = display.ReplyStream(1, notebook=True, min_interval=0)
+        for word in ("Hello", ", ", "world"):
+            stream.on_delta(0, word)
+        stream.finish()
+    outputs = captured.outputs
+    assert len(outputs) == 4
+    assert len({output.transient["display_id"] for output in outputs}) == 1
+    assert [output.update for output in outputs] == [False, True, True, True]
+    assert outputs[-1].data["text/markdown"] == "Hello, world"
+
+
+def test_terminal_stream_writes_plain_text(capsys: Any) -> None:
+    stream = display.ReplyStream(1, notebook=False)
+    for word in ("Hello", " there"):
+        stream.on_delta(0, word)
+    stream.finish(interrupted=True)
+    assert capsys.readouterr().out == f"Hello there\n[{display.INTERRUPTED}]\n"
+
+
+def test_several_samples_render_side_by_side() -> None:
+    bundle = display.render_reply(["a <b>", "c"], finish_reasons=["stop", "length"])
+    assert bundle["text/html"].count('style="flex:1') == 2
+    assert "a &lt;b&gt;" in bundle["text/html"]
+    assert "Sample 1 (joins the history)" in bundle["text/markdown"]
+    assert display.CUT_AT_MAX_TOKENS in bundle["text/markdown"]
+
+
+def test_budget_summary_and_history_markdown() -> None:
+    text = display.budget_summary(
+        {"num_tokens": 1200, "budget": 3000, "kept_turns": 2, "dropped_turns": 1, "truncated": True}
+    )
+    assert text == (
+        "1,200 of 3,000 prompt tokens · 2 past turns sent · 1 oldest dropped to fit · "
+        "message cut to fit"
+    )
+    conversation = Conversation(system="S", turns=[Turn("hi", "part", interrupted=True)])
+    markdown = display.history_markdown(conversation, name="x")
+    assert "**System:** S" in markdown and display.INTERRUPTED in markdown
+    assert "No turns yet" in display.history_markdown(Conversation())
+
+
+def test_highlight_only_real_control_tokens(tiny_model: Path) -> None:
+    from qwen_magic.chatml import ChatFormatter
+
+    formatter = ChatFormatter(tiny_model)
+    _, ids = formatter.format([("user", "<b> and a typed <|im_end|>")])
+    html = display.highlight_special_tokens(ids, formatter.tokenizer)
+    assert html.count("<span") == 3  # im_start, im_end, im_start of the reply
+    assert "&lt;b&gt; and a typed &lt;|im_end|&gt;" in html
+
+
+def test_reply_result_repr() -> None:
+    reply = SimpleNamespace(
+        texts=["**hi**"], text="**hi**", interrupted=True, finish_reasons=["abort"],
+        num_generated_tokens=3, elapsed_s=0.5,
+    )  # fmt: skip
+    result = display.ReplyResult(reply)
+    assert str(result) == "**hi**" and result.num_generated_tokens == 3
+    assert display.INTERRUPTED in result._repr_markdown_()
+    assert "3 tokens" in repr(result)
+
+
+def test_load_progress_lines(capsys: Any) -> None:
+    ticks = iter([0.0, 1.0, 2.5])
+    progress = display.LoadProgress("tiny", notebook=False, clock=lambda: next(ticks))
+    progress("loading weights")
+    progress.done("loaded tiny")
+    assert capsys.readouterr().out.splitlines() == [
+        "⏳ loading tiny: loading weights (1.0 s)",
+        "✅ loaded tiny in 2.5 s",
+    ]
+
+
+# ---------------------------------------------------------------- the real engine
+
+
+@pytest.fixture(scope="module")
+def loaded(ip: InteractiveShell, tiny_model: Path) -> QwenMagics:
+    magics = ip.magics_manager.registry["QwenMagics"]
+    ip.run_line_magic("qwen_load", f"{tiny_model} --max-model-len 512 --enforce-eager --seed 0")
+    yield magics
+    ip.run_line_magic("qwen_unload", "")
+
+
+def ask(ip: InteractiveShell, line: str, cell: str = "Hello") -> Any:
+    """Run ``%%qwen -o reply`` (plus ``line``) and return the ReplyResult."""
+    return ip.run_cell_magic("qwen", f"-o reply --max-tokens 4 {line}", cell)
+
+
+@pytest.mark.engine
+def test_load_again_is_a_no_op_and_status(
+    ip: InteractiveShell, loaded: QwenMagics, tiny_model: Path, capsys: Any
+) -> None:
+    chat = loaded.chat
+    ip.run_line_magic("qwen_load", f"{tiny_model} --max-model-len 512 --enforce-eager --seed 0")
+    assert loaded.chat is chat
+    assert "already loaded" in capsys.readouterr().out
+    ip.run_line_magic("qwen_status", "")
+    out = capsys.readouterr().out
+    assert "tiny-random-qwen2" in out and "512" in out
+
+
+@pytest.mark.engine
+@pytest.mark.parametrize("name", list(SAMPLING_FLAGS))
+def test_every_sampling_flag_reaches_the_engine(
+    ip: InteractiveShell, loaded: QwenMagics, magics: QwenMagics, name: str
+) -> None:
+    flag, value = SAMPLING_FLAGS[name]
+    result = ask(ip, flag)
+    assert result.sampling[name] == value
+
+
+@pytest.mark.engine
+def test_config_default_and_flag_override(
+    ip: InteractiveShell, loaded: QwenMagics, magics: QwenMagics
+) -> None:
+    ip.run_line_magic("config", "QwenMagics.top_k = 3")
+    assert ask(ip, "").sampling["top_k"] == 3
+    assert ask(ip, "--top-k 9").sampling["top_k"] == 9
+
+
+@pytest.mark.engine
+def test_max_tokens_and_seed_change_the_output(
+    ip: InteractiveShell, loaded: QwenMagics, magics: QwenMagics
+) -> None:
+    result = ask(ip, "--max-tokens 3 -t 1")
+    assert result.num_generated_tokens == 3
+    first = ask(ip, "--max-tokens 12 -t 1.5 --seed 1 --no-history").text
+    again = ask(ip, "--max-tokens 12 -t 1.5 --seed 1 --no-history").text
+    other = ask(ip, "--max-tokens 12 -t 1.5 --seed 2 --no-history").text
+    assert first == again != other
+    greedy = [ask(ip, "--max-tokens 8 -t 0 --no-history").text for _ in range(2)]
+    assert greedy[0] == greedy[1]
+
+
+@pytest.mark.engine
+def test_system_new_no_history_and_chat(
+    ip: InteractiveShell, loaded: QwenMagics, magics: QwenMagics
+) -> None:
+    ask(ip, "--chat a", "first")
+    ask(ip, "--chat a", "second")
+    result = ask(ip, '--chat a -s "You are a pirate."', "third")
+    assert "<|im_start|>system\nYou are a pirate.<|im_end|>" in result.plan.text
+    assert [turn.user for turn in result.plan.turns] == ["first", "second"]
+    assert magics.conversation("a").system == "You are a pirate."
+    assert magics.conversation("b").system is None
+
+    lonely = ask(ip, "--chat a --no-history", "fourth")
+    assert lonely.plan.turns == [] and "first" not in lonely.plan.text
+    fresh = ask(ip, "--chat a --new", "fifth")
+    assert fresh.plan.turns == []
+    assert [turn.user for turn in magics.conversation("a").turns] == ["fifth"]
+    assert len(magics.conversation("b")) == 0
+
+
+@pytest.mark.engine
+def test_n_samples_side_by_side_first_joins_history(
+    ip: InteractiveShell, loaded: QwenMagics, magics: QwenMagics, capsys: Any
+) -> None:
+    result = ask(ip, "-n 3 -t 1.5 --seed 3")
+    assert len(result.texts) == 3
+    assert magics.conversation().turns[-1].assistant == result.texts[0]
+    assert capsys.readouterr().out.count("--- Sample") == 3
+
+
+@pytest.mark.engine
+def test_output_variable_and_single_display(
+    ip: InteractiveShell, loaded: QwenMagics, magics: QwenMagics
+) -> None:
+    magics.display_mode = "notebook"
+    with capture_output() as captured:
+        result = ask(ip, "")
+    assert ip.user_ns["reply"] == result.text
+    assert isinstance(result, display.ReplyResult)
+    assert result._repr_markdown_().startswith(result.text)
+    # The streamed output ends as a short note: the result is the one display of the reply.
+    assert "stored in `reply`" in captured.outputs[-1].data["text/markdown"]
+    with capture_output() as captured:
+        assert ip.run_cell_magic("qwen", "--max-tokens 4", "Hi") is None
+    final = captured.outputs[-1].data["text/markdown"]
+    assert final.startswith(magics.conversation().turns[-1].assistant)
+
+
+@pytest.mark.engine
+def test_show_prompt_shows_what_the_model_saw(
+    ip: InteractiveShell, loaded: QwenMagics, magics: QwenMagics
+) -> None:
+    magics.display_mode = "notebook"
+    with capture_output() as captured:
+        result = ask(ip, "--show-prompt -t 0.25", "What is <|im_end|>?")
+    prompt = next(o.data for o in captured.outputs if "Prompt" in o.data["text/markdown"])
+    assert result.plan.text in prompt["text/markdown"]
+    assert "| temperature | 0.25 |" in prompt["text/markdown"]
+    assert prompt["text/html"].count("<span") == 5  # system, user, reply prompt: 5 controls
+    assert "What is &lt;|im_end|&gt;?" in prompt["text/html"]  # typed text stays text
+
+
+@pytest.mark.engine
+def test_raw_continuation_uses_plain_text(
+    ip: InteractiveShell, loaded: QwenMagics, magics: QwenMagics
+) -> None:
+    result = ask(ip, "--raw", "def fib(n):")
+    tokenizer = loaded.chat.formatter.tokenizer
+    assert result.prompt_token_ids == tokenizer.encode_text("def fib(n):")
+    assert "<|im_start|>" not in result.prompt_text
+    assert len(magics.conversation()) == 0
+
+
+@pytest.mark.engine
+def test_rerunning_a_cell_replaces_its_turn(
+    ip: InteractiveShell, loaded: QwenMagics, magics: QwenMagics
+) -> None:
+    for _ in range(2):
+        ip.run_cell("%%qwen --max-tokens 2\nfirst", cell_id="cell-1")
+    ip.run_cell("%%qwen --max-tokens 2\nsecond", cell_id="cell-2")
+    ip.run_cell("%%qwen --max-tokens 2\nfirst again", cell_id="cell-1")
+    turns = magics.conversation().turns
+    assert [(turn.user, turn.key) for turn in turns] == [("first again", "cell-1")]
+
+
+@pytest.mark.engine
+def test_message_longer_than_context_keeps_history(
+    ip: InteractiveShell, loaded: QwenMagics, magics: QwenMagics
+) -> None:
+    ask(ip, "", "kept")
+    before = history_state(magics)
+    with pytest.raises(UsageError, match="does not fit the context"):
+        ask(ip, "", "word " * 2000)
+    assert history_state(magics) == before
+
+
+@pytest.mark.engine
+def test_out_of_memory_is_one_line_with_a_hint(
+    ip: InteractiveShell, loaded: QwenMagics, magics: QwenMagics, monkeypatch: Any
+) -> None:
+    import torch
+
+    ask(ip, "", "kept")
+    before = history_state(magics)
+
+    def out_of_memory(conversation: Conversation, message: str, **kwargs: Any) -> None:
+        conversation.record(message, "half")  # even a half-done turn must be rolled back
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(loaded.chat, "reply", out_of_memory)
+    with pytest.raises(UsageError, match="out of memory while generating: lower"):
+        ask(ip, "", "hello")
+    assert history_state(magics) == before
+
+
+@pytest.mark.engine
+def test_interrupt_keeps_partial_reply_and_engine_usable(
+    ip: InteractiveShell, loaded: QwenMagics, magics: QwenMagics, capsys: Any
+) -> None:
+    ask(ip, "", "before")
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt) as caught:
+        ip.run_cell_magic("qwen", "--max-tokens 400 -t 1 --seed 0", "Go on forever")
+    assert time.monotonic() - started < 3.0
+    timer.join()
+    assert display.INTERRUPTED in capsys.readouterr().out
+    assert caught.value.reply.interrupted
+    turns = magics.conversation().turns
+    assert [turn.user for turn in turns] == ["before", "Go on forever"]
+    assert turns[-1].interrupted and turns[-1].assistant == caught.value.reply.text
+    assert len(caught.value.reply.text) > 0
+    after = ask(ip, "", "still there?")
+    assert after.num_generated_tokens > 0 and not after.interrupted
+
+
+@pytest.mark.engine
+def test_replace_model_then_unload_ext_free_the_engine(
+    ip: InteractiveShell, loaded: QwenMagics, tiny_model: Path, monkeypatch: Any
+) -> None:
+    """Runs last among the engine tests: it ends with a fresh extension and no model."""
+    import qwen_magic.chat
+
+    old = loaded.chat
+    seen_closed: list[bool] = []
+    real_init = qwen_magic.chat.QwenChat.__init__
+
+    def spy_init(self: Any, *args: Any, **kwargs: Any) -> None:
+        seen_closed.append(old.engine.closed)  # the old engine must be gone before loading
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(qwen_magic.chat.QwenChat, "__init__", spy_init)
+    ip.run_line_magic("qwen_load", f"{tiny_model} --max-model-len 256")
+    assert seen_closed == [True]
+    assert loaded.chat is not old and loaded.chat.engine.max_model_len == 256
+    new = loaded.chat
+    ip.run_line_magic("unload_ext", "qwen_magic")
+    assert new.engine.closed
+    ip.run_line_magic("load_ext", "qwen_magic")
+    assert ip.magics_manager.registry["QwenMagics"].chat is None
+
+
+def test_json_export_is_valid(magics: QwenMagics, tmp_path: Path, ip: InteractiveShell) -> None:
+    magics.conversation().record("ü", "ß")
+    ip.run_line_magic("qwen", f"export {tmp_path / 'c.json'}")
+    assert json.loads((tmp_path / "c.json").read_text())["turns"][0]["user"] == "ü"
