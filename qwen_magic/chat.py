@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,15 +103,18 @@ class QwenChat:
         from qwen_magic.models import resolve_model
 
         options = EngineOptions(model=resolve_model(model), **engine_options)
-        self.engine = Engine(options, progress=progress, verbose=verbose)
-        try:
-            source: Any = options.model
-            if not Path(options.model).is_dir():  # hub id or .gguf: vLLM's tokenizer
-                source = self.engine.tokenizer()
-            self.formatter = ChatFormatter(source)
-        except BaseException:
-            self.engine.shutdown()
-            raise
+        local = Path(options.model).is_dir()
+        # Reading tokenizer.json takes a second or two; do it while vLLM starts.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qwen-tokenizer") as pool:
+            formatter = pool.submit(ChatFormatter, options.model) if local else None
+            self.engine = Engine(options, progress=progress, verbose=verbose)
+            try:  # a hub id or a .gguf file: use vLLM's tokenizer
+                self.formatter = (
+                    formatter.result() if formatter else ChatFormatter(self.engine.tokenizer())
+                )
+            except BaseException:
+                self.engine.shutdown()
+                raise
 
     def __repr__(self) -> str:
         return f"QwenChat({self.engine!r})"

@@ -317,6 +317,11 @@ class Engine:
         return self.options.model
 
     @property
+    def llm(self) -> Any:
+        """The underlying ``vllm.LLM``, for what this class does not cover (and benchmarks)."""
+        return self._require_llm()
+
+    @property
     def closed(self) -> bool:
         """True after :meth:`shutdown`."""
         return self._llm is None

@@ -1,0 +1,111 @@
+"""``%qwen_load`` start time against a bare ``vllm.LLM(...)`` with the same options.
+
+    python benchmarks/bench_load.py --model DIR [--label 0.5b] [--warm-repeat 2]
+
+Each start runs in a fresh Python process, timed from before ``import vllm`` (or before
+``%load_ext``) until the engine can generate. "first" starts clear vLLM's torch.compile cache
+beforehand; "warm" starts find it filled by the previous run. Both paths run vLLM in-process
+(``VLLM_ENABLE_V1_MULTIPROCESSING=0``, as qwen-magic does) and get identical ``LLM`` keyword
+arguments (``EngineOptions.llm_kwargs``). Results go to benchmarks/results/load-<label>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+COMPILE_CACHE = Path.home() / ".cache" / "vllm" / "torch_compile_cache"
+
+
+def child(mode: str, model: str, eager: bool, memory: float) -> None:
+    """Runs in the child process: one start, printed as a JSON line."""
+    started = time.perf_counter()
+    if mode == "bare":
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        import torch
+        import vllm
+
+        from qwen_magic.engine import EngineOptions
+
+        options = EngineOptions(model=model, enforce_eager=eager, gpu_memory_utilization=memory)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        llm = vllm.LLM(**options.llm_kwargs(device=device))
+        llm.generate([{"prompt_token_ids": [1, 2, 3]}], vllm.SamplingParams(max_tokens=1))
+    else:
+        from IPython.core.interactiveshell import InteractiveShell
+
+        shell = InteractiveShell.instance()
+        shell.run_line_magic("load_ext", "qwen_magic")
+        flags = " --enforce-eager" if eager else ""
+        shell.run_line_magic("qwen_load", f"{model} --gpu-memory-utilization {memory}{flags}")
+        chat = shell.magics_manager.registry["QwenMagics"].chat
+        chat.engine.generate([1, 2, 3], stop_token_ids=[], max_tokens=1)
+    print(json.dumps({"seconds": time.perf_counter() - started}), flush=True)
+
+
+def start(mode: str, model: str, eager: bool, memory: float) -> float:
+    command = [sys.executable, __file__, "--child", mode, "--model", model, "--memory", str(memory)]
+    if eager:
+        command.append("--eager")
+    output = subprocess.run(command, capture_output=True, text=True, check=False)
+    lines = [line for line in output.stdout.splitlines() if line.startswith('{"seconds"')]
+    if output.returncode != 0 or not lines:
+        raise RuntimeError(f"{mode} start failed:\n{output.stderr[-3000:]}")
+    return json.loads(lines[-1])["seconds"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--label", default="0.5b")
+    parser.add_argument("--memory", type=float, default=0.5)
+    parser.add_argument("--warm-repeat", type=int, default=2)
+    parser.add_argument("--child", choices=["bare", "magic"])
+    parser.add_argument("--eager", action="store_true")
+    args = parser.parse_args()
+    if args.child:
+        child(args.child, args.model, args.eager, args.memory)
+        return
+
+    results: dict[str, dict[str, list[float]]] = {}
+    for eager in (True, False):
+        label = "eager" if eager else "cuda_graphs"
+        runs: dict[str, list[float]] = {}
+        for mode in ("bare", "magic"):  # first start: no compile cache
+            shutil.rmtree(COMPILE_CACHE, ignore_errors=True)
+            runs.setdefault(f"{mode}_first", []).append(start(mode, args.model, eager, args.memory))
+            print(label, mode, "first", runs[f"{mode}_first"], flush=True)
+        for _ in range(args.warm_repeat):
+            for mode in ("bare", "magic"):  # alternate, so drift hits both alike
+                runs.setdefault(f"{mode}_warm", []).append(
+                    start(mode, args.model, eager, args.memory)
+                )
+                print(label, mode, "warm", runs[f"{mode}_warm"][-1], flush=True)
+        results[label] = runs
+    summary = {
+        label: {
+            "overhead_first_s": round(runs["magic_first"][0] - runs["bare_first"][0], 2),
+            "overhead_warm_s": round(
+                statistics.median(runs["magic_warm"]) - statistics.median(runs["bare_warm"]), 2
+            ),
+            **{key: [round(value, 2) for value in values] for key, values in runs.items()},
+        }
+        for label, runs in results.items()
+    }
+    document = {"label": args.label, "model": args.model, "date": time.strftime("%Y-%m-%d %H:%M")}
+    document["results"] = summary
+    print(json.dumps(document, indent=2))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"load-{args.label}.json").write_text(json.dumps(document, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""The GPU path, on a CUDA machine: ``pytest -m gpu``.
+
+Models come from the environment, since no hub is reachable on the GPU machine either:
+``QWEN_MAGIC_GPU_MODEL`` is a Qwen2.5-0.5B-shaped folder (random weights are fine; see
+benchmarks/make_random_model.py) and ``QWEN_MAGIC_GPU_REAL_MODEL`` the real
+Qwen2.5-Coder-0.5B-Instruct folder for the one check of meaning.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from qwen_magic.history import Conversation
+
+pytestmark = pytest.mark.gpu
+
+
+def _needs_cuda() -> None:
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+
+
+def _model(variable: str) -> str:
+    path = os.environ.get(variable)
+    if not path:
+        pytest.skip(f"set {variable} to a model folder")
+    return path
+
+
+def gpu_used_mib() -> int:
+    """GPU memory in use on device 0, all processes (the engine runs in a child process)."""
+    output = subprocess.check_output(
+        ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
+        text=True,
+    )
+    return int(output.strip().splitlines()[0])
+
+
+@pytest.fixture(scope="module")
+def bot():
+    _needs_cuda()
+    from qwen_magic.chat import QwenChat
+
+    chat = QwenChat(
+        _model("QWEN_MAGIC_GPU_MODEL"),
+        gpu_memory_utilization=0.4,
+        max_model_len=8192,
+        enable_prefix_caching=True,
+        seed=0,
+    )
+    yield chat
+    chat.close()
+
+
+def test_loads_on_the_gpu_and_streams(bot):
+    assert bot.engine.device == "cuda"
+    deltas = list(bot.stream("Count to ten.", max_tokens=32, temperature=0))
+    assert len(deltas) > 1
+    assert "<|im_end|>" not in "".join(deltas)
+
+
+def test_abort_mid_stream_leaves_engine_usable(bot):
+    stream = bot.stream("Write a long story.", max_tokens=2000, temperature=0.8)
+    for count, _ in enumerate(stream):
+        if count == 5:
+            break
+    stream.close()  # the consumer stops: the request must be aborted, not left running
+    response, _ = bot.chat("Say hi.", max_tokens=8)
+    assert isinstance(response, str)
+
+
+def test_prefix_caching_reuses_the_history(bot):
+    conversation = Conversation(system="You are terse.")
+    long_message = "Here is some context about the project. " * 150
+    bot.reply(conversation, long_message, max_tokens=4, temperature=0)
+    follow_up = bot.reply(conversation, "And then?", max_tokens=4, temperature=0)
+    assert follow_up.num_cached_tokens > 0.8 * len(follow_up.plan.token_ids) - 64
+
+
+def test_n_samples(bot):
+    reply = bot.reply(Conversation(), "Name a colour.", n=4, max_tokens=16, temperature=1.0)
+    assert len(reply.texts) == 4
+    assert len(set(reply.texts)) > 1
+
+
+def test_unload_returns_gpu_memory():
+    _needs_cuda()
+    from qwen_magic.chat import QwenChat
+
+    model = _model("QWEN_MAGIC_GPU_MODEL")
+    baseline = gpu_used_mib()
+    for _ in range(2):
+        chat = QwenChat(model, gpu_memory_utilization=0.3, max_model_len=4096, enforce_eager=True)
+        loaded = gpu_used_mib()
+        assert loaded > baseline + 1000  # the KV cache and weights are really on the GPU
+        chat.close()
+        assert gpu_used_mib() < baseline + 600, "engine memory was not returned"
+
+
+@pytest.mark.semantic
+def test_real_model_answers_on_the_gpu():
+    _needs_cuda()
+    from qwen_magic.chat import QwenChat
+
+    with QwenChat(_model("QWEN_MAGIC_GPU_REAL_MODEL"), gpu_memory_utilization=0.3) as chat:
+        response, history = chat.chat("What is the capital of France?", temperature=0)
+        assert "Paris" in response
+        _, history = chat.chat("My name is Ada. Please remember it.", temperature=0)
+        response, _ = chat.chat("What is my name?", history=history, temperature=0)
+        assert "Ada" in response
