@@ -34,6 +34,7 @@ import sys
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -237,6 +238,15 @@ def _import_vllm() -> ModuleType:
 
 
 @contextlib.contextmanager
+def _quiet_unless(verbose: bool) -> Iterator[None]:
+    """Hide the library warnings (deprecations and the like) that vLLM's start-up emits."""
+    with warnings.catch_warnings():
+        if not verbose:
+            warnings.simplefilter("ignore")
+        yield
+
+
+@contextlib.contextmanager
 def _interrupts_between_steps() -> Iterator[None]:
     """Hold back SIGINT until the block ends, then raise KeyboardInterrupt.
 
@@ -285,9 +295,12 @@ class Engine:
         # Must be decided before vLLM reads (and caches) its environment; see module docstring.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO" if verbose else "ERROR")
+        if not verbose:  # torch's C++ notices (NUMA binding on CPU); read when torch loads
+            os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
         self._progress("importing vLLM")
-        vllm = _import_vllm()
-        self.set_verbose(verbose)
+        self.set_verbose(verbose)  # before the import: some of its log lines come at import
+        with _quiet_unless(verbose):
+            vllm = _import_vllm()
         from vllm.engine.arg_utils import EngineArgs
         from vllm.platforms import current_platform
 
@@ -295,9 +308,12 @@ class Engine:
         self.vllm_version: str = getattr(vllm, "__version__", "unknown")
         accepted = set(getattr(EngineArgs, "__dataclass_fields__", {}))
         kwargs = options.llm_kwargs(device=self.device, accepted=accepted or None)
+        if not verbose and "use_tqdm_on_load" in accepted:
+            kwargs.setdefault("use_tqdm_on_load", False)  # our progress line says it all
         self._progress("starting engine")
         try:
-            self._llm: Any = vllm.LLM(**kwargs)
+            with _quiet_unless(verbose):
+                self._llm: Any = vllm.LLM(**kwargs)
         except Exception as error:
             gc.collect()
             self._empty_device_cache()
