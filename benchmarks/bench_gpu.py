@@ -33,6 +33,8 @@ from bench_format import tutorial_make_context
 from qwen_magic.history import Conversation
 
 RESULTS = Path(__file__).parent / "results"
+# Greedy without penalties: what transformers' greedy generate does, on every path alike.
+GREEDY = {"temperature": 0.0, "repetition_penalty": 1.0}
 FILLER = "The quick brown fox jumps over the lazy dog while the engine keeps its cache warm. "
 
 
@@ -51,11 +53,15 @@ def summary(values: list[float]) -> dict[str, float]:
     }
 
 
-def raw_generate(llm: Any, token_ids: list[int], **sampling: Any) -> list:
+def raw_generate(bot: Any, token_ids: list[int], **sampling: Any) -> list:
+    """Plain ``LLM.generate`` on the same engine, with the same effective sampling values."""
     from vllm import SamplingParams
 
-    params = SamplingParams(**sampling)
-    return llm.generate([{"prompt_token_ids": token_ids}], params, use_tqdm=False)
+    values = bot.engine.resolve_sampling(len(token_ids), **sampling)
+    params = SamplingParams(
+        **values, stop_token_ids=bot.formatter.tokenizer.stop_token_ids, skip_special_tokens=True
+    )
+    return bot.engine.llm.generate([{"prompt_token_ids": token_ids}], params, use_tqdm=False)
 
 
 def decode_speed(bot: Any, shell: Any, args: argparse.Namespace) -> dict[str, Any]:
@@ -63,11 +69,14 @@ def decode_speed(bot: Any, shell: Any, args: argparse.Namespace) -> dict[str, An
     conversation = Conversation()
     message = "Tell me a long story about a lighthouse keeper."
     plan = conversation.prepare(bot.formatter, message, budget=bot.engine.max_model_len)
-    fixed = {"max_tokens": args.tokens, "temperature": 0.0, "ignore_eos": True}
+    fixed = {**GREEDY, "max_tokens": args.tokens, "ignore_eos": True}
     rates: dict[str, list[float]] = {"llm_generate": [], "qwenchat_stream": [], "qwen_magic": []}
-    cell = f"%%qwen --no-history -o bench_reply --max-tokens {args.tokens} -t 0\n{message}"
+    cell = (
+        f"%%qwen --no-history -o bench_reply --max-tokens {args.tokens} -t 0"
+        f" --repetition-penalty 1\n{message}"
+    )
     for _ in range(args.repeat):
-        seconds, outputs = timed(lambda: raw_generate(bot.engine.llm, plan.token_ids, **fixed))
+        seconds, outputs = timed(lambda: raw_generate(bot, plan.token_ids, **fixed))
         rates["llm_generate"].append(len(outputs[0].outputs[0].token_ids) / seconds)
 
         seconds, _ = timed(lambda: list(bot.stream(message, **fixed)))
@@ -105,7 +114,7 @@ def follow_up_ttft(bot: Any, args: argparse.Namespace) -> dict[str, Any]:
             conversation.prepare(bot.formatter, message, budget=10**9).token_ids,
             stop_token_ids=tokenizer.stop_token_ids,
             max_tokens=1,
-            temperature=0.0,
+            **GREEDY,
         )
         next(iter(stream))
         first = time.perf_counter() - start
@@ -115,7 +124,7 @@ def follow_up_ttft(bot: Any, args: argparse.Namespace) -> dict[str, Any]:
         start = time.perf_counter()
         ids = tutorial_make_context(tokenizer, conversation, message)
         formatted = time.perf_counter() - start
-        raw_generate(bot.engine.llm, ids, max_tokens=1, temperature=0.0)
+        raw_generate(bot, ids, max_tokens=1, **GREEDY)
         tutorial_first = time.perf_counter() - start
         if attempt:  # the first round warms both paths
             ours.append(first * 1000)
@@ -164,7 +173,7 @@ def transformers_speed(model: str, bot: Any, args: argparse.Namespace) -> dict[s
     plan = Conversation().prepare(bot.formatter, "Tell me a story.", budget=10**9)
     inputs = torch.tensor([plan.token_ids], device=device)
     tokens = args.tokens // 2
-    fixed = {"max_tokens": tokens, "temperature": 0.0, "ignore_eos": True}
+    fixed = {**GREEDY, "max_tokens": tokens, "ignore_eos": True}
 
     def hf_generate() -> Any:
         return hf.generate(inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
@@ -185,7 +194,7 @@ def transformers_speed(model: str, bot: Any, args: argparse.Namespace) -> dict[s
 def profile_stream(bot: Any, args: argparse.Namespace) -> str:
     """Where the streaming path spends its time (cumulative, top entries)."""
     profiler = cProfile.Profile()
-    fixed = {"max_tokens": args.tokens, "temperature": 0.0, "ignore_eos": True}
+    fixed = {**GREEDY, "max_tokens": args.tokens, "ignore_eos": True}
     profiler.enable()
     for _ in bot.stream("Profile this reply.", **fixed):
         pass
@@ -254,7 +263,7 @@ def main() -> None:
     print(json.dumps(result["e_samples"]), flush=True)
     if args.hf:
         print("== d. transformers generate", flush=True)
-        result["d_transformers"] = transformers_speed(args.model, bot, args)
+        result["d_transformers"] = transformers_speed(bot.engine.model, bot, args)
         print(json.dumps(result["d_transformers"]), flush=True)
     print("== profile of the streaming path", flush=True)
     result["profile"] = profile_stream(bot, args)

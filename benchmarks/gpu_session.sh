@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# The steps run on the GPU machine for docs/benchmarks.md, one per call of the device tool.
+# vLLM is staged there first as ../shared/gpu/README.md describes (three calls); then, from the
+# repository root on that machine:
+#
+#   bash benchmarks/gpu_session.sh models      # random-weight 0.5B / 1.5B shapes, real tokenizer
+#   bash benchmarks/gpu_session.sh gguf-part   # one carried chunk of the demo GGUF (repeat)
+#   bash benchmarks/gpu_session.sh convert     # join, sha256-check, convert (in the background)
+#   bash benchmarks/gpu_session.sh tests       # pytest -m gpu
+#   bash benchmarks/gpu_session.sh bench       # a, b, d, e and the profile, both shapes
+#   bash benchmarks/gpu_session.sh load        # c: %qwen_load against a bare vllm.LLM
+#
+# .device/tokenizer holds the demo model's tokenizer files and .device/gguf/NN the GGUF chunks
+# (split -b 55M); both are carried, not committed.
+set -euo pipefail
+source /tmp/site/env.sh
+export PYTHONPATH=$PWD:$PYTHONPATH
+export QWEN_MAGIC_HOME=/tmp/qwen-magic-home
+out=${OUT:-/tmp/out}
+mkdir -p "$out" /tmp/models /tmp/gguf
+demo_sha256=1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32
+
+case "${1:?step}" in
+models)
+    for shape in 0.5b 1.5b; do
+        python3 benchmarks/make_random_model.py --shape "$shape" --tokenizer .device/tokenizer \
+            --out "/tmp/models/random-$shape" --device cuda
+    done
+    ;;
+gguf-part)
+    cp .device/gguf/*/* /tmp/gguf/
+    ls -la /tmp/gguf
+    ;;
+convert)
+    cat /tmp/gguf/gguf_chunk.* > /tmp/demo.gguf
+    echo "$demo_sha256  /tmp/demo.gguf" | sha256sum -c -
+    setsid nohup python3 -c "
+from pathlib import Path
+from qwen_magic import models
+from qwen_magic._gguf import convert_gguf_to_hf
+Path('/tmp/models/demo').mkdir(parents=True, exist_ok=True)
+convert_gguf_to_hf(Path('/tmp/demo.gguf'), Path('/tmp/models/demo'),
+                   eos_token_ids=models.QWEN_EOS_TOKEN_IDS, sampling_defaults=models.QWEN25_SAMPLING)
+Path('/tmp/models/demo/.complete').write_text('ok')
+" > /tmp/convert.log 2>&1 < /dev/null &
+    echo "converting in the background: /tmp/convert.log"
+    ;;
+tests)
+    export QWEN_MAGIC_GPU_MODEL=/tmp/models/random-0.5b QWEN_MAGIC_GPU_REAL_MODEL=/tmp/models/demo
+    for _ in $(seq 180); do [[ -f /tmp/models/demo/.complete ]] && break; sleep 1; done
+    tail -3 /tmp/convert.log
+    python3 -m pytest -m gpu tests/test_gpu.py -v -p no:cacheprovider 2>&1 | tee "$out/gpu-tests.log"
+    ;;
+bench)
+    for shape in 0.5b 1.5b; do
+        python3 benchmarks/bench_gpu.py --model "/tmp/models/random-$shape" --label "gpu-$shape" --repeat 5 \
+            --hf --engine-option '["gpu_memory_utilization", 0.5]' \
+            --engine-option '["max_model_len", 8192]' 2>&1 | tee "$out/bench-$shape.log"
+        cp "benchmarks/results/gpu-$shape.json" "$out/"
+    done
+    ;;
+load)
+    python3 benchmarks/bench_load.py --model /tmp/models/random-0.5b --label gpu-0.5b --warm-repeat 1 \
+        2>&1 | tee "$out/load.log"
+    cp benchmarks/results/load-gpu-0.5b.json "$out/"
+    ;;
+*)
+    echo "unknown step $1" >&2
+    exit 2
+    ;;
+esac
