@@ -41,10 +41,11 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-__all__ = ["SAMPLING_KEYS", "Delta", "Engine", "EngineError", "EngineOptions"]
+__all__ = ["SAMPLING_KEYS", "SAMPLING_SETTINGS", "Delta", "Engine", "EngineError", "EngineOptions"]
 
 DTYPES = ("auto", "bfloat16", "float16", "half", "float32", "float")
-SAMPLING_KEYS = (
+# The settings a user tunes: each has a %%qwen flag, a config trait and a panel control.
+SAMPLING_SETTINGS = (
     "temperature",
     "top_p",
     "top_k",
@@ -54,6 +55,9 @@ SAMPLING_KEYS = (
     "presence_penalty",
     "frequency_penalty",
     "seed",
+)
+SAMPLING_KEYS = (
+    *SAMPLING_SETTINGS,
     "stop",
     "ignore_eos",  # fixed-length replies, for benchmarks
 )

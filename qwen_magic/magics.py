@@ -51,7 +51,7 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 from traitlets import Dict, Enum, Float, Int, TraitError, Unicode, observe, validate
 
 from qwen_magic import display
-from qwen_magic.engine import EngineError, EngineOptions, validate_sampling
+from qwen_magic.engine import SAMPLING_SETTINGS, EngineError, EngineOptions, validate_sampling
 from qwen_magic.history import BudgetError, Conversation, PromptTruncatedWarning
 
 if TYPE_CHECKING:
@@ -61,17 +61,7 @@ DEFAULT_CHAT = "default"
 COMMANDS = ("history", "clear", "undo", "export", "import")
 
 # The sampling settings with a config trait and a flag (the engine takes a few more).
-SAMPLING_NAMES = (
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "max_tokens",
-    "repetition_penalty",
-    "presence_penalty",
-    "frequency_penalty",
-    "seed",
-)
+SAMPLING_NAMES = SAMPLING_SETTINGS
 
 
 def check_sampling(name: str, value: float | None) -> None:
