@@ -453,6 +453,11 @@ class Engine:
         from vllm.sampling_params import RequestOutputKind, SamplingParams
 
         values = self.resolve_sampling(num_prompt_tokens, **sampling)
+        if n > 1 and values.get("temperature") == 0:
+            raise EngineError(
+                f"{n} samples need a temperature above 0 (greedy decoding makes them identical):"
+                " raise the temperature (-t) or ask for one sample"
+            )
         return SamplingParams(
             n=n,
             stop_token_ids=list(stop_token_ids),

@@ -57,6 +57,11 @@ class QwenPanel(widgets.VBox):
         conversation: Name of the conversation to show (None: the default one).
     """
 
+    def __repr__(self) -> str:
+        # The text a saved notebook shows where the live widget cannot render (e.g. on GitHub);
+        # ipywidgets' default would dump every child widget, local paths included.
+        return "qwen-magic panel (a live widget: run the notebook to use it)"
+
     def __init__(self, magics: HasTraits, *, conversation: str | None = None) -> None:
         self._magics = magics
         self._conversation_name = conversation

@@ -475,6 +475,17 @@ def test_message_longer_than_context_keeps_history(
 
 
 @pytest.mark.engine
+def test_greedy_samples_are_refused_in_one_line(
+    ip: InteractiveShell, loaded: QwenMagics, magics: QwenMagics
+) -> None:
+    ask(ip, "", "kept")
+    before = history_state(magics)
+    with pytest.raises(UsageError, match="need a temperature above 0"):
+        ask(ip, "-t 0 -n 3", "Name a colour.")
+    assert history_state(magics) == before
+
+
+@pytest.mark.engine
 def test_out_of_memory_is_one_line_with_a_hint(
     ip: InteractiveShell, loaded: QwenMagics, magics: QwenMagics, monkeypatch: Any
 ) -> None:

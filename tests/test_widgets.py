@@ -144,6 +144,13 @@ def test_opening_the_panel_sets_nothing(magics: Any, make_panel: Any) -> None:
     assert all(box.value for box in panel_.default_boxes.values())
 
 
+def test_saved_notebook_text_fallback_is_short_and_private(magics: Any, make_panel: Any) -> None:
+    panel = make_panel()
+    bundle = panel._repr_mimebundle_()
+    text = (bundle[0] if isinstance(bundle, tuple) else bundle)["text/plain"]
+    assert text == "qwen-magic panel (a live widget: run the notebook to use it)"
+
+
 def test_slider_sets_the_trait_and_config_moves_the_slider(
     shell: InteractiveShell, magics: Any, make_panel: Any
 ) -> None:
