@@ -4,7 +4,10 @@
 
 Each start runs in a fresh Python process, timed from before ``import vllm`` (or before
 ``%load_ext``) until the engine can generate. "first" starts clear vLLM's torch.compile cache
-beforehand; "warm" starts find it filled by the previous run. Both paths run vLLM in-process
+beforehand; "warm" starts find it filled by the previous run. Each ``%qwen_load`` start also
+reports its own overhead directly: its time to ready minus the time the engine spent importing
+vLLM and constructing ``vllm.LLM`` (``Engine.load_seconds``), which does not suffer from the
+run-to-run noise of vLLM's start-up. Both paths run vLLM in-process
 (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, as qwen-magic does) and get identical ``LLM`` keyword
 arguments (``EngineOptions.llm_kwargs``). Results go to benchmarks/results/load-<label>.json.
 """
@@ -23,6 +26,7 @@ from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
 COMPILE_CACHE = Path.home() / ".cache" / "vllm" / "torch_compile_cache"
+DIRECT_OVERHEADS: list[float] = []  # per %qwen_load start: time to ready - Engine.load_seconds
 
 
 def child(mode: str, model: str, eager: bool, memory: float) -> None:
@@ -46,20 +50,29 @@ def child(mode: str, model: str, eager: bool, memory: float) -> None:
         shell.run_line_magic("load_ext", "qwen_magic")
         flags = " --enforce-eager" if eager else ""
         shell.run_line_magic("qwen_load", f"{model} --gpu-memory-utilization {memory}{flags}")
+        ready = time.perf_counter() - started
         chat = shell.magics_manager.registry["QwenMagics"].chat
         chat.engine.generate([1, 2, 3], stop_token_ids=[], max_tokens=1)
+        overhead = ready - chat.engine.load_seconds
+        print(json.dumps({"overhead_seconds": overhead}), flush=True)
     print(json.dumps({"seconds": time.perf_counter() - started}), flush=True)
 
 
 def start(mode: str, model: str, eager: bool, memory: float) -> float:
+    """Seconds to a first token in a fresh process; a magic start also logs its own overhead."""
     command = [sys.executable, __file__, "--child", mode, "--model", model, "--memory", str(memory)]
     if eager:
         command.append("--eager")
     output = subprocess.run(command, capture_output=True, text=True, check=False)
-    lines = [line for line in output.stdout.splitlines() if line.startswith('{"seconds"')]
-    if output.returncode != 0 or not lines:
+    values: dict[str, float] = {}
+    for line in output.stdout.splitlines():
+        if line.startswith("{"):
+            values.update(json.loads(line))
+    if output.returncode != 0 or "seconds" not in values:
         raise RuntimeError(f"{mode} start failed:\n{output.stderr[-3000:]}")
-    return json.loads(lines[-1])["seconds"]
+    if "overhead_seconds" in values:
+        DIRECT_OVERHEADS.append(values["overhead_seconds"])
+    return values["seconds"]
 
 
 def main() -> None:
@@ -70,13 +83,14 @@ def main() -> None:
     parser.add_argument("--warm-repeat", type=int, default=2)
     parser.add_argument("--child", choices=["bare", "magic"])
     parser.add_argument("--eager", action="store_true")
+    parser.add_argument("--eager-only", action="store_true", help="skip CUDA-graph starts")
     args = parser.parse_args()
     if args.child:
         child(args.child, args.model, args.eager, args.memory)
         return
 
     results: dict[str, dict[str, list[float]]] = {}
-    for eager in (True, False):
+    for eager in (True,) if args.eager_only else (True, False):
         label = "eager" if eager else "cuda_graphs"
         runs: dict[str, list[float]] = {}
         for mode in ("bare", "magic"):  # first start: no compile cache
@@ -102,6 +116,10 @@ def main() -> None:
     }
     document = {"label": args.label, "model": args.model, "date": time.strftime("%Y-%m-%d %H:%M")}
     document["results"] = summary
+    document["direct_overhead_s"] = {
+        "median": round(statistics.median(DIRECT_OVERHEADS), 3),
+        "runs": [round(value, 3) for value in DIRECT_OVERHEADS],
+    }
     print(json.dumps(document, indent=2))
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"load-{args.label}.json").write_text(json.dumps(document, indent=2) + "\n")
