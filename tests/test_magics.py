@@ -464,24 +464,21 @@ def test_rerunning_a_cell_replaces_its_turn(
 
 
 @pytest.mark.engine
-def test_message_longer_than_context_keeps_history(
-    ip: InteractiveShell, loaded: QwenMagics, magics: QwenMagics
+@pytest.mark.parametrize(
+    ("line", "cell", "match"),
+    [
+        ("", "word " * 2000, "does not fit the context"),
+        ("-t 0 -n 3", "Name a colour.", "need a temperature above 0"),
+    ],
+    ids=["message-longer-than-context", "greedy-samples"],
+)
+def test_mistakes_found_with_the_engine_are_one_line(
+    ip: InteractiveShell, loaded: QwenMagics, magics: QwenMagics, line: str, cell: str, match: str
 ) -> None:
     ask(ip, "", "kept")
     before = history_state(magics)
-    with pytest.raises(UsageError, match="does not fit the context"):
-        ask(ip, "", "word " * 2000)
-    assert history_state(magics) == before
-
-
-@pytest.mark.engine
-def test_greedy_samples_are_refused_in_one_line(
-    ip: InteractiveShell, loaded: QwenMagics, magics: QwenMagics
-) -> None:
-    ask(ip, "", "kept")
-    before = history_state(magics)
-    with pytest.raises(UsageError, match="need a temperature above 0"):
-        ask(ip, "-t 0 -n 3", "Name a colour.")
+    with pytest.raises(UsageError, match=match):
+        ask(ip, line, cell)
     assert history_state(magics) == before
 
 
