@@ -168,8 +168,7 @@ class QwenChat:
         if sampling.get("n", 1) != 1:
             raise ValueError("stream() yields one reply: use reply(..., n=...) for several")
         sampling.pop("n", None)
-        pairs = [(str(query), str(response)) for query, response in history or []]
-        conversation = Conversation.from_pairs(pairs, system=system)
+        conversation = Conversation.from_pairs(history or [], system=system)
         plan, values = self._plan(conversation, prompt, sampling, use_history=True, key=None)
         stop = self.formatter.tokenizer.stop_token_ids
         for delta in self.engine.stream(plan.token_ids, stop_token_ids=stop, **values):
