@@ -64,13 +64,41 @@ def raw_generate(bot: Any, token_ids: list[int], **sampling: Any) -> list:
     return bot.engine.llm.generate([{"prompt_token_ids": token_ids}], params, use_tqdm=False)
 
 
+def raw_step_loop(bot: Any, token_ids: list[int], **sampling: Any) -> int:
+    """vLLM's own streaming loop (``add_request`` + ``step`` with DELTA outputs), no qwen-magic.
+
+    Separates what streaming costs inside vLLM (a RequestOutput per step) from our code's cost.
+    """
+    from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+    values = bot.engine.resolve_sampling(len(token_ids), **sampling)
+    params = SamplingParams(
+        **values,
+        stop_token_ids=bot.formatter.tokenizer.stop_token_ids,
+        skip_special_tokens=True,
+        output_kind=RequestOutputKind.DELTA,
+    )
+    llm_engine = bot.engine.llm.llm_engine
+    llm_engine.add_request("bench-raw-step-loop", bot.engine._engine_prompt(token_ids), params)
+    generated = 0
+    while llm_engine.has_unfinished_requests():
+        for output in llm_engine.step():
+            generated += len(output.outputs[0].token_ids)
+    return generated
+
+
 def decode_speed(bot: Any, shell: Any, args: argparse.Namespace) -> dict[str, Any]:
-    """a. Fixed-length greedy decode (ignore_eos), three paths alternated, tokens per second."""
+    """a. Fixed-length greedy decode (ignore_eos), four paths alternated, tokens per second."""
     conversation = Conversation()
     message = "Tell me a long story about a lighthouse keeper."
     plan = conversation.prepare(bot.formatter, message, budget=bot.engine.max_model_len)
     fixed = {**GREEDY, "max_tokens": args.tokens, "ignore_eos": True}
-    rates: dict[str, list[float]] = {"llm_generate": [], "qwenchat_stream": [], "qwen_magic": []}
+    rates: dict[str, list[float]] = {
+        "llm_generate": [],
+        "vllm_step_loop": [],
+        "qwenchat_stream": [],
+        "qwen_magic": [],
+    }
     cell = (
         f"%%qwen --no-history -o bench_reply --max-tokens {args.tokens} -t 0"
         f" --repetition-penalty 1\n{message}"
@@ -78,6 +106,9 @@ def decode_speed(bot: Any, shell: Any, args: argparse.Namespace) -> dict[str, An
     for _ in range(args.repeat):
         seconds, outputs = timed(lambda: raw_generate(bot, plan.token_ids, **fixed))
         rates["llm_generate"].append(len(outputs[0].outputs[0].token_ids) / seconds)
+
+        seconds, generated = timed(lambda: raw_step_loop(bot, plan.token_ids, **fixed))
+        rates["vllm_step_loop"].append(generated / seconds)
 
         seconds, _ = timed(lambda: list(bot.stream(message, **fixed)))
         rates["qwenchat_stream"].append(args.tokens / seconds)  # ignore_eos: exactly max_tokens
@@ -89,8 +120,13 @@ def decode_speed(bot: Any, shell: Any, args: argparse.Namespace) -> dict[str, An
         rates["qwen_magic"].append(tokens / seconds)
     out = {name: summary(values) for name, values in rates.items()}
     base = out["llm_generate"]["median"]
+    out["ratio_step_loop_vs_generate"] = round(out["vllm_step_loop"]["median"] / base, 3)
     out["ratio_stream_vs_generate"] = round(out["qwenchat_stream"]["median"] / base, 3)
     out["ratio_magic_vs_generate"] = round(out["qwen_magic"]["median"] / base, 3)
+    # Each run's paths ran back to back, so per-run ratios cancel slow drifts of the machine.
+    for name in ("vllm_step_loop", "qwenchat_stream", "qwen_magic"):
+        paired = [a / b for a, b in zip(rates[name], rates["llm_generate"], strict=True)]
+        out[f"paired_ratio_{name}"] = summary(paired)
     return out
 
 
@@ -211,7 +247,10 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--history-tokens", type=int, default=4096)
-    parser.add_argument("--hf", action="store_true", help="also time transformers generate")
+    parser.add_argument("--hf", action="store_true", help="also time transformers generate (d)")
+    parser.add_argument(
+        "--parts", default="abep", help="which of a, b, e and p (the profile) to run; d is --hf"
+    )
     parser.add_argument(
         "--engine-option",
         action="append",
@@ -252,22 +291,27 @@ def main() -> None:
             result["torch"] = torch.__version__
     except ImportError:
         pass
-    print("== a. decode speed", flush=True)
-    result["a_decode"] = decode_speed(bot, shell, args)
-    print(json.dumps(result["a_decode"]), flush=True)
-    print("== b. follow-up time to first token", flush=True)
-    result["b_follow_up_ttft"] = follow_up_ttft(bot, args)
-    print(json.dumps(result["b_follow_up_ttft"]), flush=True)
-    print("== e. -n 8 against 8 sequential", flush=True)
-    result["e_samples"] = samples(bot, args)
-    print(json.dumps(result["e_samples"]), flush=True)
-    if args.hf:
-        print("== d. transformers generate", flush=True)
-        result["d_transformers"] = transformers_speed(bot.engine.model, bot, args)
-        print(json.dumps(result["d_transformers"]), flush=True)
-    print("== profile of the streaming path", flush=True)
-    result["profile"] = profile_stream(bot, args)
-    print(result["profile"][:4000], flush=True)
+    parts = {
+        "a": ("a_decode", "a. decode speed", lambda: decode_speed(bot, shell, args)),
+        "b": (
+            "b_follow_up_ttft",
+            "b. follow-up time to first token",
+            lambda: follow_up_ttft(bot, args),
+        ),
+        "e": ("e_samples", "e. -n 8 against 8 sequential", lambda: samples(bot, args)),
+        "d": (
+            "d_transformers",
+            "d. transformers generate",
+            lambda: transformers_speed(bot.engine.model, bot, args),
+        ),
+        "p": ("profile", "profile of the streaming path", lambda: profile_stream(bot, args)),
+    }
+    wanted = args.parts + ("d" if args.hf else "")
+    for letter, (key, title, run) in parts.items():
+        if letter in wanted:
+            print("==", title, flush=True)
+            result[key] = run()
+            print(result[key][:4000] if letter == "p" else json.dumps(result[key]), flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{args.label}.json"
     path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")

@@ -1,6 +1,6 @@
 """``%qwen_load`` start time against a bare ``vllm.LLM(...)`` with the same options.
 
-    python benchmarks/bench_load.py --model DIR [--label 0.5b] [--warm-repeat 2]
+    python benchmarks/bench_load.py --model DIR [--label 0.5b] [--warm-repeat 2] [--modes eager]
 
 Each start runs in a fresh Python process, timed from before ``import vllm`` (or before
 ``%load_ext``) until the engine can generate. "first" starts clear vLLM's torch.compile cache
@@ -26,7 +26,6 @@ from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
 COMPILE_CACHE = Path.home() / ".cache" / "vllm" / "torch_compile_cache"
-DIRECT_OVERHEADS: list[float] = []  # per %qwen_load start: time to ready - Engine.load_seconds
 
 
 def child(mode: str, model: str, eager: bool, memory: float) -> None:
@@ -58,8 +57,8 @@ def child(mode: str, model: str, eager: bool, memory: float) -> None:
     print(json.dumps({"seconds": time.perf_counter() - started}), flush=True)
 
 
-def start(mode: str, model: str, eager: bool, memory: float) -> float:
-    """Seconds to a first token in a fresh process; a magic start also logs its own overhead."""
+def start(mode: str, model: str, eager: bool, memory: float) -> tuple[float, float | None]:
+    """Seconds to a first token in a fresh process, and a magic start's own overhead."""
     command = [sys.executable, __file__, "--child", mode, "--model", model, "--memory", str(memory)]
     if eager:
         command.append("--eager")
@@ -70,9 +69,27 @@ def start(mode: str, model: str, eager: bool, memory: float) -> float:
             values.update(json.loads(line))
     if output.returncode != 0 or "seconds" not in values:
         raise RuntimeError(f"{mode} start failed:\n{output.stderr[-3000:]}")
-    if "overhead_seconds" in values:
-        DIRECT_OVERHEADS.append(values["overhead_seconds"])
-    return values["seconds"]
+    return values["seconds"], values.get("overhead_seconds")
+
+
+def measure(label: str, model: str, memory: float, warm_repeat: int) -> dict[str, list[float]]:
+    """First and warm starts of both paths in one mode ("eager" or "cuda_graphs")."""
+    runs: dict[str, list[float]] = {}
+
+    def one(mode: str, kind: str) -> None:
+        seconds, overhead = start(mode, model, label == "eager", memory)
+        runs.setdefault(f"{mode}_{kind}", []).append(seconds)
+        if overhead is not None:  # time to ready minus Engine.load_seconds
+            runs.setdefault(f"direct_overhead_{kind}", []).append(overhead)
+        print(label, mode, kind, round(seconds, 2), overhead, flush=True)
+
+    for mode in ("bare", "magic"):  # first start: no compile cache
+        shutil.rmtree(COMPILE_CACHE, ignore_errors=True)
+        one(mode, "first")
+    for _ in range(warm_repeat):
+        for mode in ("bare", "magic"):  # alternate, so drift hits both alike
+            one(mode, "warm")
+    return runs
 
 
 def main() -> None:
@@ -83,43 +100,34 @@ def main() -> None:
     parser.add_argument("--warm-repeat", type=int, default=2)
     parser.add_argument("--child", choices=["bare", "magic"])
     parser.add_argument("--eager", action="store_true")
-    parser.add_argument("--eager-only", action="store_true", help="skip CUDA-graph starts")
+    parser.add_argument(
+        "--modes", default="eager,cuda_graphs", help="comma-separated: eager, cuda_graphs"
+    )
     args = parser.parse_args()
     if args.child:
         child(args.child, args.model, args.eager, args.memory)
         return
 
     results: dict[str, dict[str, list[float]]] = {}
-    for eager in (True,) if args.eager_only else (True, False):
-        label = "eager" if eager else "cuda_graphs"
-        runs: dict[str, list[float]] = {}
-        for mode in ("bare", "magic"):  # first start: no compile cache
-            shutil.rmtree(COMPILE_CACHE, ignore_errors=True)
-            runs.setdefault(f"{mode}_first", []).append(start(mode, args.model, eager, args.memory))
-            print(label, mode, "first", runs[f"{mode}_first"], flush=True)
-        for _ in range(args.warm_repeat):
-            for mode in ("bare", "magic"):  # alternate, so drift hits both alike
-                runs.setdefault(f"{mode}_warm", []).append(
-                    start(mode, args.model, eager, args.memory)
-                )
-                print(label, mode, "warm", runs[f"{mode}_warm"][-1], flush=True)
-        results[label] = runs
+    for label in args.modes.split(","):
+        if label not in ("eager", "cuda_graphs"):
+            parser.error(f"unknown mode {label!r}: use eager or cuda_graphs")
+        results[label] = measure(label, args.model, args.memory, args.warm_repeat)
     summary = {
         label: {
             "overhead_first_s": round(runs["magic_first"][0] - runs["bare_first"][0], 2),
             "overhead_warm_s": round(
                 statistics.median(runs["magic_warm"]) - statistics.median(runs["bare_warm"]), 2
             ),
-            **{key: [round(value, 2) for value in values] for key, values in runs.items()},
+            "direct_overhead_median_s": round(
+                statistics.median(runs["direct_overhead_first"] + runs["direct_overhead_warm"]), 3
+            ),
+            **{key: [round(value, 3) for value in values] for key, values in runs.items()},
         }
         for label, runs in results.items()
     }
     document = {"label": args.label, "model": args.model, "date": time.strftime("%Y-%m-%d %H:%M")}
     document["results"] = summary
-    document["direct_overhead_s"] = {
-        "median": round(statistics.median(DIRECT_OVERHEADS), 3),
-        "runs": [round(value, 3) for value in DIRECT_OVERHEADS],
-    }
     print(json.dumps(document, indent=2))
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"load-{args.label}.json").write_text(json.dumps(document, indent=2) + "\n")
