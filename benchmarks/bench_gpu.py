@@ -135,11 +135,16 @@ def follow_up_ttft(bot: Any, args: argparse.Namespace) -> dict[str, Any]:
     conversation = Conversation(system="You are a helpful assistant.")
     turn = 0
     while True:
-        plan = conversation.prepare(bot.formatter, "next", budget=bot.engine.max_model_len)
+        plan = conversation.prepare(bot.formatter, "next", budget=10**9)
         if plan.num_tokens >= args.history_tokens:
             break
         conversation.record(f"Question {turn}: {FILLER * 4}", f"Answer {turn}: {FILLER * 4}")
         turn += 1
+    if plan.num_tokens + 32 > bot.engine.max_model_len:
+        raise SystemExit(
+            f"a {plan.num_tokens}-token history does not fit the {bot.engine.max_model_len}-token"
+            " context: lower --history-tokens or raise max_model_len with --engine-option"
+        )
     tokenizer = bot.formatter.tokenizer
     ours, tutorial, tutorial_format = [], [], []
     for attempt in range(args.repeat + 1):

@@ -9,6 +9,9 @@
 #   bash benchmarks/gpu_session.sh tests       # pytest -m gpu
 #   bash benchmarks/gpu_session.sh bench       # a, b, d, e and the profile, both shapes
 #   bash benchmarks/gpu_session.sh load        # c: %qwen_load against a bare vllm.LLM
+#   bash benchmarks/gpu_session.sh decode SHAPE [JSON_OPTION]  # a only, 10 runs (second session)
+#   bash benchmarks/gpu_session.sh load-shape SHAPE MODES      # c on another shape, per mode
+#   bash benchmarks/gpu_session.sh tests-random  # pytest -m gpu without the real-model test
 #
 # .device/tokenizer holds the demo model's tokenizer files and .device/gguf/NN the GGUF chunks
 # (split -b 55M); both are carried, not committed.
@@ -63,6 +66,25 @@ load)
     python3 benchmarks/bench_load.py --model /tmp/models/random-0.5b --label gpu-0.5b --warm-repeat 1 \
         2>&1 | tee "$out/load.log"
     cp benchmarks/results/load-gpu-0.5b.json "$out/"
+    ;;
+decode)
+    shape=${2:?shape}
+    label="gpu-$shape-decode${3:+-$(echo "$3" | tr -dc 'a-z0-9_')}"
+    python3 benchmarks/bench_gpu.py --model "/tmp/models/random-$shape" --label "$label" \
+        --repeat 10 --parts a --engine-option '["gpu_memory_utilization", 0.5]' \
+        --engine-option '["max_model_len", 8192]' ${3:+--engine-option "$3"} 2>&1 \
+        | grep -v "^INFO\|^WARNING\|^(EngineCore" | tee "$out/$label.log"
+    cp "benchmarks/results/$label.json" "$out/"
+    ;;
+load-shape)
+    python3 benchmarks/bench_load.py --model "/tmp/models/random-${2:?shape}" --label "gpu-$2-$3" \
+        --warm-repeat 1 --modes "${3:?modes}" 2>&1 | tee "$out/load-$2-$3.log"
+    cp "benchmarks/results/load-gpu-$2-$3.json" "$out/"
+    ;;
+tests-random)
+    export QWEN_MAGIC_GPU_MODEL=/tmp/models/random-0.5b
+    python3 -m pytest -m gpu tests/test_gpu.py -v -p no:cacheprovider -k "not real_model" 2>&1 \
+        | tee "$out/gpu-tests-random.log"
     ;;
 *)
     echo "unknown step $1" >&2

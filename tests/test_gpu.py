@@ -93,12 +93,17 @@ def test_unload_returns_gpu_memory():
 
     model = _model("QWEN_MAGIC_GPU_MODEL")
     baseline = gpu_used_mib()
-    for _ in range(2):
+    host_rss = []
+    for _ in range(3):
         chat = QwenChat(model, gpu_memory_utilization=0.3, max_model_len=4096, enforce_eager=True)
         loaded = gpu_used_mib()
         assert loaded > baseline + 1000  # the KV cache and weights are really on the GPU
         chat.close()
         assert gpu_used_mib() < baseline + 600, "engine memory was not returned"
+        host_rss.append(chat.engine.memory()["total_rss"])
+    # The first cycle sets up CUDA for good; after it, host memory must not grow either.
+    growth_per_cycle = (host_rss[-1] - host_rss[0]) / (len(host_rss) - 1)
+    assert growth_per_cycle < 40 * 2**20, [value // 2**20 for value in host_rss]
 
 
 @pytest.mark.semantic
