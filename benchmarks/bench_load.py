@@ -2,21 +2,20 @@
 
     python benchmarks/bench_load.py --model DIR [--label 0.5b] [--warm-repeat 2] [--modes eager]
 
-Each start runs in a fresh Python process, timed from before ``import vllm`` (or before
-``%load_ext``) until the engine can generate. "first" starts clear vLLM's torch.compile cache
-beforehand; "warm" starts find it filled by the previous run. Each ``%qwen_load`` start also
-reports its own overhead directly: its time to ready minus the time the engine spent importing
-vLLM and constructing ``vllm.LLM`` (``Engine.load_seconds``), which does not suffer from the
-run-to-run noise of vLLM's start-up. Both paths run vLLM in-process
-(``VLLM_ENABLE_V1_MULTIPROCESSING=0``, as qwen-magic does) and get identical ``LLM`` keyword
-arguments (``EngineOptions.llm_kwargs``). Results go to benchmarks/results/load-<label>.json.
+Each start runs in a fresh Python process with an IPython shell, as in a notebook kernel, timed
+from the cell that imports vLLM (or from ``%load_ext``) until the engine can generate. "first"
+starts clear vLLM's torch.compile cache beforehand; "warm" starts find it filled by the previous
+run. Each ``%qwen_load`` start also reports its own overhead directly: its time to ready minus
+the time the engine spent importing vLLM and constructing ``vllm.LLM`` (``Engine.load_seconds``).
+Both paths run vLLM in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, as qwen-magic does) and
+get identical ``LLM`` keyword arguments (``EngineOptions.llm_kwargs``). Results go to
+benchmarks/results/load-<label>.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -28,20 +27,31 @@ RESULTS = Path(__file__).parent / "results"
 COMPILE_CACHE = Path.home() / ".cache" / "vllm" / "torch_compile_cache"
 
 
+BARE_CELL = """
+import os
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+import torch
+import vllm
+from qwen_magic.engine import EngineOptions
+
+options = EngineOptions(model=MODEL, enforce_eager=EAGER, gpu_memory_utilization=MEMORY)
+device = "cuda" if torch.cuda.is_available() else "cpu"
+llm = vllm.LLM(**options.llm_kwargs(device=device))
+llm.generate([{"prompt_token_ids": [1, 2, 3]}], vllm.SamplingParams(max_tokens=1))
+"""
+
+
 def child(mode: str, model: str, eager: bool, memory: float) -> None:
     """Runs in the child process: one start, printed as a JSON line."""
     started = time.perf_counter()
     if mode == "bare":
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        import torch
-        import vllm
+        # The user's alternative in a notebook: vllm.LLM(...) typed into a cell of the kernel, so
+        # it runs in an IPython shell as %qwen_load does (the shell alone slows vLLM's start).
+        from IPython.core.interactiveshell import InteractiveShell
 
-        from qwen_magic.engine import EngineOptions
-
-        options = EngineOptions(model=model, enforce_eager=eager, gpu_memory_utilization=memory)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        llm = vllm.LLM(**options.llm_kwargs(device=device))
-        llm.generate([{"prompt_token_ids": [1, 2, 3]}], vllm.SamplingParams(max_tokens=1))
+        shell = InteractiveShell.instance()
+        shell.user_ns.update(MODEL=model, EAGER=eager, MEMORY=memory)
+        shell.run_cell(BARE_CELL).raise_error()
     else:
         from IPython.core.interactiveshell import InteractiveShell
 
