@@ -260,34 +260,56 @@ def _build_smollm2(folder: Path) -> None:
 
 
 def _build_tiny_model(folder: Path) -> None:
-    import torch
-    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
-
-    from qwen_magic._gguf import finish_model_folder
-
-    demo = demo_model_path()
     # head_dim 64: vLLM's CPU attention only supports some head sizes (32, 64, 80, ...).
-    config = Qwen2Config(
-        vocab_size=151936,
+    write_random_qwen2(
+        folder,
+        demo_model_path(),
         hidden_size=256,
         intermediate_size=512,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=4096,
+    )
+
+
+def write_random_qwen2(
+    folder: Path, tokenizer_folder: Path, *, device: str = "cpu", **shape: int | bool
+) -> None:
+    """Write a random-weight bf16 Qwen2 model of ``shape`` with a real Qwen2.5 tokenizer.
+
+    Decode speed does not depend on weight values, so such a model exercises the engine like the
+    real one (tests, benchmarks) without shipping its weights.
+
+    Args:
+        folder: Where the model goes (config, safetensors, tokenizer files).
+        tokenizer_folder: A real Qwen2.5 model's tokenizer files and generation_config.json.
+        device: Where torch builds the weights ("cuda" is faster for large shapes).
+        **shape: ``Qwen2Config`` sizes such as hidden_size and num_hidden_layers.
+    """
+    import torch
+    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    from qwen_magic._gguf import finish_model_folder
+
+    config = Qwen2Config(
+        vocab_size=151936,
         rope_theta=1_000_000.0,
         tie_word_embeddings=True,
         bos_token_id=151643,
         eos_token_id=151645,
         dtype="bfloat16",
+        **shape,
     )
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(config).to(torch.bfloat16)
+    with torch.device(device):
+        model = Qwen2ForCausalLM(config).to(torch.bfloat16)
+    folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
-    GenerationConfig.from_pretrained(demo).save_pretrained(folder)
+    GenerationConfig.from_pretrained(tokenizer_folder).save_pretrained(folder)
     for name in TOKENIZER_FILES:
-        if (demo / name).exists():
-            shutil.copy2(demo / name, folder / name)
+        if (tokenizer_folder / name).exists():
+            shutil.copy2(tokenizer_folder / name, folder / name)
     finish_model_folder(folder, rope_theta=config.rope_parameters["rope_theta"])
 
 
@@ -310,4 +332,5 @@ __all__ = [
     "resolve_model",
     "smollm2_path",
     "tiny_model_path",
+    "write_random_qwen2",
 ]
