@@ -65,19 +65,13 @@ def raw_generate(bot: Any, token_ids: list[int], **sampling: Any) -> list:
 
 
 def raw_step_loop(bot: Any, token_ids: list[int], **sampling: Any) -> int:
-    """vLLM's own streaming loop (``add_request`` + ``step`` with DELTA outputs), no qwen-magic.
+    """vLLM's own streaming loop (``add_request`` + ``step`` with DELTA outputs), no qwen-magic code
+    in the loop.
 
     Separates what streaming costs inside vLLM (a RequestOutput per step) from our code's cost.
     """
-    from vllm.sampling_params import RequestOutputKind, SamplingParams
-
-    values = bot.engine.resolve_sampling(len(token_ids), **sampling)
-    params = SamplingParams(
-        **values,
-        stop_token_ids=bot.formatter.tokenizer.stop_token_ids,
-        skip_special_tokens=True,
-        output_kind=RequestOutputKind.DELTA,
-    )
+    stop = bot.formatter.tokenizer.stop_token_ids
+    params = bot.engine.sampling_params(len(token_ids), stop_token_ids=stop, **sampling)
     llm_engine = bot.engine.llm.llm_engine
     llm_engine.add_request("bench-raw-step-loop", bot.engine._engine_prompt(token_ids), params)
     generated = 0

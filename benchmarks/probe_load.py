@@ -8,7 +8,8 @@ Modes, each a fresh process, alternated round by round and printed as one JSON l
   bare-ipython  the same code run as a cell of an IPython shell (a notebook kernel's situation);
   magic         ``%load_ext qwen_magic`` and ``%qwen_load`` (tokenizer read beside vLLM's start);
   magic-serial  the same with the tokenizer read before the engine starts.
-``PROBE_DEVICE=cpu`` runs the bare modes with the CPU defaults.
+The bare modes run ``bench_load.py``'s cell with qwen-magic's defaults for the machine (eager on
+the CPU, CUDA graphs on the GPU).
 """
 
 from __future__ import annotations
@@ -19,18 +20,12 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
-DEVICE = os.environ.get("PROBE_DEVICE", "cuda")
-BARE = """
-import os, time, vllm
-from qwen_magic.engine import EngineOptions
-os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-_started = time.perf_counter()
-llm = vllm.LLM(**EngineOptions(model=MODEL, gpu_memory_utilization=0.5).llm_kwargs(device=DEVICE))
-MARKS["llm_seconds"] = time.perf_counter() - _started
-llm.generate([{"prompt_token_ids": [1, 2, 3]}], vllm.SamplingParams(max_tokens=1))
-"""
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_load import BARE_CELL
 
 
 class SerialExecutor(concurrent.futures.ThreadPoolExecutor):
@@ -45,15 +40,16 @@ class SerialExecutor(concurrent.futures.ThreadPoolExecutor):
 def child(mode: str, model: str) -> None:
     started = time.perf_counter()
     marks: dict[str, float] = {}
+    bare_names = {"MODEL": model, "EAGER": None, "MEMORY": 0.5}  # None: the machine's default
     if mode == "bare-python":
-        exec(BARE, {"MODEL": model, "MARKS": marks, "DEVICE": DEVICE})
+        exec(BARE_CELL, bare_names)
     else:
         from IPython.core.interactiveshell import InteractiveShell
 
         shell = InteractiveShell.instance()
         if mode == "bare-ipython":
-            shell.user_ns.update(MODEL=model, MARKS=marks, DEVICE=DEVICE)
-            shell.run_cell(BARE).raise_error()
+            shell.user_ns.update(bare_names)
+            shell.run_cell(BARE_CELL).raise_error()
         else:
             shell.run_line_magic("load_ext", "qwen_magic")
             if mode == "magic-serial":
