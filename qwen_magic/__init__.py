@@ -1,43 +1,39 @@
-"""qwen-magic: chat with a local Qwen model from IPython and Jupyter, served by vLLM."""
+"""qwen-magic: chat with a Qwen model served by vLLM, from Jupyter, IPython or Python.
+
+``%load_ext qwen_magic`` registers the notebook magics (:mod:`qwen_magic.jupyter.magics`);
+:class:`qwen_magic.chat.QwenChat` is the plain Python API. Importing the package imports no vLLM.
+"""
 
 from __future__ import annotations
 
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-__version__ = "0.1.0"
+try:
+    __version__ = version("qwen-magic")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0+unknown"
+
 __all__ = ["QwenChat", "load_ipython_extension", "unload_ipython_extension"]
 
 
 def load_ipython_extension(ipython: Any) -> None:
     """``%load_ext qwen_magic``: register the magics; vLLM is imported only by ``%qwen_load``."""
-    from qwen_magic.magics import QwenMagics
+    from qwen_magic.jupyter import load_ipython_extension as load
 
-    ipython.register_magics(QwenMagics(shell=ipython))
-    try:
-        from qwen_magic.widgets import PanelMagics
-    except ImportError:  # ipywidgets missing: the magics still work, only %qwen_panel is absent
-        return
-    ipython.register_magics(PanelMagics)
+    load(ipython)
 
 
 def unload_ipython_extension(ipython: Any) -> None:
-    """``%unload_ext qwen_magic``: free the engine and remove the magics."""
-    manager = ipython.magics_manager
-    for class_name in ("QwenMagics", "PanelMagics"):
-        magics = manager.registry.pop(class_name, None)
-        if magics is None:
-            continue
-        if hasattr(magics, "detach"):
-            magics.detach()
-        for kind, names in magics.magics.items():
-            for name in names:
-                manager.magics[kind].pop(name, None)
-        if magics in getattr(ipython, "configurables", []):
-            ipython.configurables.remove(magics)
+    """``%unload_ext qwen_magic``: free the engine and remove the magics (chats are kept)."""
+    from qwen_magic.jupyter import unload_ipython_extension as unload
+
+    unload(ipython)
 
 
 def __getattr__(name: str) -> Any:
-    if name == "QwenChat":  # lazy: importing it imports vLLM
+    # Lazy, so that %load_ext stays instant: QwenChat's module pulls in the tokenizer stack.
+    if name == "QwenChat":
         from qwen_magic.chat import QwenChat
 
         return QwenChat

@@ -10,8 +10,15 @@ want the tutorial's interface::
             print(text, end="")
 
 Prompts are built as ChatML token ids (``qwen_magic.chatml``) and trimmed to fit the context
-(``qwen_magic.history``); the token budget is recomputed on every call as the context length
-minus the reply's ``max_tokens``, so long sessions never run out of room.
+(``qwen_magic.prompt``); the token budget is recomputed on every call as the context length
+minus the reply's ``max_tokens``, so long sessions never run out of room. Whatever runs the model
+sits behind :mod:`qwen_magic.backends`; this is the only module that opens one.
+
+The system prompt defaults to the model template's own (``system=None``) everywhere: in
+:meth:`QwenChat.chat`, :meth:`QwenChat.stream`, :meth:`QwenChat.reply` and ``%%qwen``. So the same
+question gets the same prompt from every front-end, and the same ids as the model's
+``apply_chat_template`` (Qwen2.5: "You are Qwen, created by Alibaba Cloud. ..."; Qwen3: none).
+Pass ``system="You are a helpful assistant."`` for the tutorial's prompt.
 """
 
 from __future__ import annotations
@@ -21,17 +28,13 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from qwen_magic.chatml import SEED_SYSTEM, ChatFormatter
-from qwen_magic.engine import (
-    DEFAULT_MAX_TOKENS,
-    Engine,
-    EngineError,
-    EngineOptions,
-    validate_sampling,
-)
-from qwen_magic.history import Conversation, PromptPlan
+from qwen_magic.backends import Backend, BackendError, open_backend
+from qwen_magic.chatml import ChatFormatter, ChatTokenizer
+from qwen_magic.conversation import Conversation, Recorded
+from qwen_magic.prompt import PromptPlan, fit_prompt
+from qwen_magic.sampling import default_max_tokens, validate
 
 __all__ = ["QwenChat", "Reply"]
 
@@ -52,6 +55,7 @@ class Reply:
         prompt_text: The prompt as text.
         prompt_token_ids: The prompt's token ids.
         num_cached_tokens: Prompt tokens served from vLLM's prefix cache (None if unknown).
+        recorded: How the turn joined the conversation (None when it did not).
     """
 
     texts: list[str]
@@ -65,6 +69,7 @@ class Reply:
     prompt_text: str = ""
     prompt_token_ids: list[int] = field(default_factory=list)
     num_cached_tokens: int | None = None
+    recorded: Recorded | None = None
 
     @property
     def text(self) -> str:
@@ -84,12 +89,12 @@ class QwenChat:
         model: "demo" or None (the demo model), "tiny", a local folder, or a hub id.
         progress: Called with loading phase messages.
         verbose: Show vLLM's logs.
-        **engine_options: Fields of :class:`qwen_magic.engine.EngineOptions`
+        backend: An already started backend to use instead of loading ``model``.
+        **engine_options: Fields of :class:`qwen_magic.backends.vllm_options.EngineOptions`
             (``max_model_len=4096``, ``dtype="bfloat16"``, ...).
 
     Raises:
-        EngineError: The model cannot be found or loaded.
-        TypeError: An unknown engine option.
+        BackendError: The model cannot be found or loaded, or an option is wrong.
     """
 
     def __init__(
@@ -98,26 +103,51 @@ class QwenChat:
         *,
         progress: Callable[[str], None] | None = None,
         verbose: bool = False,
+        backend: Backend | None = None,
         **engine_options: Any,
     ) -> None:
+        from qwen_magic.backends import check_options
         from qwen_magic.models import resolve_model
 
-        options = EngineOptions(model=resolve_model(model), **engine_options)
-        local = Path(options.model).is_dir()
-        # Reading tokenizer.json takes a second or two; do it while vLLM starts.
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qwen-tokenizer") as pool:
-            formatter = pool.submit(ChatFormatter, options.model) if local else None
-            self.engine = Engine(options, progress=progress, verbose=verbose)
-            try:  # a hub id or a .gguf file: use vLLM's tokenizer
-                self.formatter = (
-                    formatter.result() if formatter else ChatFormatter(self.engine.tokenizer())
-                )
-            except BaseException:
-                self.engine.shutdown()
-                raise
+        if backend is None:
+            path = resolve_model(model)
+            check_options(path, **engine_options)
+            local = Path(path).is_dir()
+            # Reading tokenizer.json takes a second or two; do it while vLLM starts.
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qwen-tokenizer") as pool:
+                tokenizer = pool.submit(ChatTokenizer.load, path) if local else None
+                backend = open_backend(path, progress=progress, verbose=verbose, **engine_options)
+                try:
+                    self.tokenizer = tokenizer.result() if tokenizer else None
+                except BaseException:
+                    backend.close()
+                    raise
+        else:
+            self.tokenizer = None
+        self.backend: Backend = backend
+        try:  # a hub id or a .gguf file: use the backend's tokenizer
+            if self.tokenizer is None:
+                self.tokenizer = ChatTokenizer.load(backend.tokenizer())
+        except BaseException:
+            backend.close()
+            raise
+        # Chat needs ChatML; a model without it can still continue text (complete / --raw).
+        self._formatter = ChatFormatter(self.tokenizer) if self.tokenizer.is_chatml else None
+
+    @property
+    def formatter(self) -> ChatFormatter:
+        """The ChatML formatter (raises, saying what to do, for a model without ChatML)."""
+        if self._formatter is None:
+            self.tokenizer.require_chatml()
+        return self._formatter  # type: ignore[return-value]
+
+    @property
+    def engine(self) -> Backend:
+        """The backend (the name the magics and benchmarks have always used)."""
+        return self.backend
 
     def __repr__(self) -> str:
-        return f"QwenChat({self.engine!r})"
+        return f"QwenChat({self.backend!r})"
 
     def __enter__(self) -> QwenChat:
         return self
@@ -126,14 +156,14 @@ class QwenChat:
         self.close()
 
     def close(self) -> None:
-        """Shut the engine down and free its memory."""
-        self.engine.shutdown()
+        """Shut the backend down and free its memory."""
+        self.backend.close()
 
     def chat(
         self,
         prompt: str,
         history: Sequence[tuple[str, str]] | None = None,
-        system: str | None = SEED_SYSTEM,
+        system: str | None = None,
         **sampling: Any,
     ) -> tuple[str, list[tuple[str, str]]]:
         """Reply to ``prompt`` after ``history`` (the tutorial's interface).
@@ -141,7 +171,7 @@ class QwenChat:
         Args:
             prompt: The user's message.
             history: Past ``(query, response)`` pairs; not modified.
-            system: The system prompt; None uses the model template's default.
+            system: The system prompt; None (the default) uses the model template's own.
             **sampling: temperature, top_p, top_k, min_p, max_tokens, repetition_penalty,
                 presence_penalty, frequency_penalty, seed, stop, n.
 
@@ -150,14 +180,14 @@ class QwenChat:
         """
         pairs = [(str(query), str(response)) for query, response in history or []]
         conversation = Conversation.from_pairs(pairs, system=system)
-        reply = self.reply(conversation, prompt, **sampling)
+        reply = self.reply(conversation, prompt, on_overflow="truncate", **sampling)
         return reply.text, [*pairs, (prompt, reply.text)]
 
     def stream(
         self,
         prompt: str,
         history: Sequence[tuple[str, str]] | None = None,
-        system: str | None = SEED_SYSTEM,
+        system: str | None = None,
         **sampling: Any,
     ) -> Iterator[str]:
         """Like :meth:`chat`, but yield the reply's text as it is generated.
@@ -169,9 +199,11 @@ class QwenChat:
             raise ValueError("stream() yields one reply: use reply(..., n=...) for several")
         sampling.pop("n", None)
         conversation = Conversation.from_pairs(history or [], system=system)
-        plan, values = self._plan(conversation, prompt, sampling, use_history=True, key=None)
-        stop = self.formatter.tokenizer.stop_token_ids
-        for delta in self.engine.stream(plan.token_ids, stop_token_ids=stop, **values):
+        plan, values = self._plan(
+            conversation, prompt, sampling, use_history=True, key=None, on_overflow="truncate"
+        )
+        stop = self.tokenizer.stop_token_ids
+        for delta in self.backend.stream(plan.token_ids, stop_token_ids=stop, **values):
             if delta.text:
                 yield delta.text
 
@@ -185,6 +217,7 @@ class QwenChat:
         n: int = 1,
         on_delta: Callable[[int, str], None] | None = None,
         enable_thinking: bool | None = None,
+        on_overflow: Literal["error", "truncate"] = "truncate",
         **sampling: Any,
     ) -> Reply:
         """Answer ``message`` within ``conversation`` and record the turn (sample 0).
@@ -192,11 +225,14 @@ class QwenChat:
         Args:
             conversation: Supplies system prompt and history; receives the new turn.
             message: The user's message.
-            key: Records the turn under this key, replacing an earlier turn with it.
+            key: Records the turn under this key, replacing an earlier turn with it (the later
+                turns are set aside; ``conversation.undo()`` brings them back).
             use_history: False shows the model only the system prompt and the message.
             n: Number of samples; only the first joins the history.
             on_delta: Called as ``on_delta(index, text)`` for every piece of new text.
             enable_thinking: Qwen3's thinking switch.
+            on_overflow: A message that alone does not fit: "truncate" sends its beginning
+                (with a PromptTruncatedWarning), "error" raises MessageTooLongError.
             **sampling: See :meth:`chat`.
 
         Returns:
@@ -215,14 +251,15 @@ class QwenChat:
             use_history=use_history,
             key=key,
             enable_thinking=enable_thinking,
+            on_overflow=on_overflow,
         )
         try:
             reply = self._run(plan.token_ids, plan.text, plan, values, n=n, on_delta=on_delta)
         except KeyboardInterrupt as interrupt:
             partial: Reply = interrupt.reply  # type: ignore[attr-defined]
-            conversation.record(plan.message, partial.text, key=key, interrupted=True)
+            partial.recorded = conversation.record(message, partial.text, key=key, interrupted=True)
             raise
-        conversation.record(plan.message, reply.text, key=key)
+        reply.recorded = conversation.record(message, reply.text, key=key)
         return reply
 
     def complete(
@@ -239,8 +276,8 @@ class QwenChat:
             KeyboardInterrupt: As in :meth:`reply` (nothing is recorded).
         """
         _check_n(n)
-        ids = self.formatter.tokenizer.encode_text(text)
-        values = self.engine.resolve_sampling(len(ids), **sampling)
+        ids = self.tokenizer.encode_text(text)
+        values = self.backend.resolve_sampling(len(ids), **sampling)
         return self._run(ids, text, None, values, n=n, on_delta=on_delta)
 
     def _plan(
@@ -252,25 +289,35 @@ class QwenChat:
         use_history: bool,
         key: str | None,
         enable_thinking: bool | None = None,
+        on_overflow: Literal["error", "truncate"] = "truncate",
     ) -> tuple[PromptPlan, dict[str, Any]]:
         """Fit the prompt into this call's budget and resolve the sampling values."""
-        given = validate_sampling(sampling)
-        max_tokens = given.get("max_tokens", DEFAULT_MAX_TOKENS)
-        budget = self.engine.max_model_len - max_tokens
+        given = validate(sampling)
+        max_model_len = self.backend.info.max_model_len
+        max_tokens = given.get("max_tokens", default_max_tokens(max_model_len))
+        budget = max_model_len - max_tokens
         if budget < 1:
-            raise EngineError(
+            raise BackendError(
                 f"max_tokens={max_tokens} leaves no room for a prompt in the "
-                f"{self.engine.max_model_len}-token context: lower max_tokens"
+                f"{max_model_len}-token context: lower max_tokens"
             )
-        plan = conversation.prepare(
+        plan = fit_prompt(
             self.formatter,
+            conversation.system,
+            conversation.context_turns(key) if use_history else [],
             message,
             budget=budget,
-            use_history=use_history,
-            key=key,
+            on_overflow=on_overflow,
             enable_thinking=enable_thinking,
         )
-        return plan, self.engine.resolve_sampling(len(plan.token_ids), **given)
+        given.setdefault("max_tokens", max_tokens)
+        return plan, self.backend.resolve_sampling(len(plan.token_ids), **given)
+
+    def budget(self, **sampling: Any) -> int:
+        """Prompt tokens a reply with these settings leaves room for (context - max_tokens)."""
+        max_model_len = self.backend.info.max_model_len
+        given = validate(sampling)
+        return max_model_len - given.get("max_tokens", default_max_tokens(max_model_len))
 
     def _run(
         self,
@@ -304,9 +351,9 @@ class QwenChat:
                 num_cached_tokens=cached,
             )
 
-        stop = self.formatter.tokenizer.stop_token_ids
+        stop = self.tokenizer.stop_token_ids
         try:
-            for delta in self.engine.stream(prompt_ids, n=n, stop_token_ids=stop, **values):
+            for delta in self.backend.stream(prompt_ids, n=n, stop_token_ids=stop, **values):
                 texts[delta.index] += delta.text
                 generated += len(delta.token_ids)
                 if delta.num_cached_tokens is not None:

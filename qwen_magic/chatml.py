@@ -81,13 +81,10 @@ class TemplateProfile:
         def render(messages: list[dict[str, str]], **kwargs: Any) -> str:
             return compiled.render(messages=messages, bos_token="", eos_token="", **kwargs)
 
+        user = [{"role": "user", "content": _PROBE}]
         try:
-            bare = render([{"role": "user", "content": _PROBE}], add_generation_prompt=False)
-            thinking_off = render(
-                [{"role": "user", "content": _PROBE}],
-                add_generation_prompt=True,
-                enable_thinking=False,
-            )
+            bare = render(user, add_generation_prompt=False)
+            thinking_off = render(user, add_generation_prompt=True, enable_thinking=False)
             past = render(
                 [
                     {"role": "user", "content": "a"},
@@ -96,15 +93,20 @@ class TemplateProfile:
                 ],
                 add_generation_prompt=False,
             )
-        except jinja2.TemplateError:
+        except Exception:  # best effort: an odd template only loses these refinements
             return cls()
         system_head = f"{IM_START}system\n"
         default_system = None
-        if bare.startswith(system_head):
+        if bare.startswith(system_head) and IM_END in bare:
             default_system = bare[len(system_head) : bare.index(IM_END)]
+        # What add_generation_prompt appends, past "<|im_start|>assistant\n" (a template
+        # without a generation-prompt branch appends nothing).
+        assistant_head = f"{IM_START}assistant\n"
+        generation = thinking_off[len(bare) :] if thinking_off.startswith(bare) else ""
+        suffix = generation[len(assistant_head) :] if generation.startswith(assistant_head) else ""
         return cls(
             default_system=default_system,
-            thinking_suffix=thinking_off.rsplit(f"{IM_START}assistant\n", 1)[-1],
+            thinking_suffix=suffix,
             strips_past_thinking=f"{IM_START}assistant\nA{IM_END}" in past,
         )
 
@@ -131,14 +133,8 @@ class ChatTokenizer:
         self.name = name
         self.chat_template = chat_template
         self.profile = TemplateProfile.from_template(chat_template)
-        missing = [token for token in (IM_START, IM_END) if token not in token_ids]
-        if missing:
-            raise ChatMLError(
-                f"tokenizer {name!r} has no {' / '.join(missing)} token: it is not a ChatML "
-                "(Qwen-style) chat tokenizer; use --raw for plain continuation"
-            )
-        self.im_start_id = token_ids[IM_START]
-        self.im_end_id = token_ids[IM_END]
+        self.im_start_id: int | None = token_ids.get(IM_START)
+        self.im_end_id: int | None = token_ids.get(IM_END)
         self.endoftext_id = token_ids.get(ENDOFTEXT)
         self.stop_token_ids = [
             token_id
@@ -151,6 +147,22 @@ class ChatTokenizer:
     def default_system(self) -> str | None:
         """The system prompt the model's template uses when the user gives none."""
         return self.profile.default_system
+
+    @property
+    def is_chatml(self) -> bool:
+        """Whether the tokenizer has ChatML's ``<|im_start|>`` and ``<|im_end|>`` tokens."""
+        return self.im_start_id is not None and self.im_end_id is not None
+
+    def require_chatml(self) -> None:
+        """Raise :class:`ChatMLError`, saying what to do, unless this is a ChatML tokenizer."""
+        if not self.is_chatml:
+            missing = [t for t, i in ((IM_START, self.im_start_id), (IM_END, self.im_end_id))
+                       if i is None]  # fmt: skip
+            raise ChatMLError(
+                f"this model's tokenizer has no {' / '.join(missing)} token, so it is not a "
+                "ChatML (Qwen-style) chat model: use %%qwen --raw (QwenChat.complete) to "
+                "continue plain text"
+            )
 
     @classmethod
     def load(cls, source: Any) -> ChatTokenizer:
@@ -289,6 +301,7 @@ class ChatFormatter:
 
     def __init__(self, tokenizer: ChatTokenizer | Any, *, cache_size: int = 4096) -> None:
         self.tokenizer = ChatTokenizer.load(tokenizer)
+        self.tokenizer.require_chatml()
         self._cache: OrderedDict[tuple[str, str], tuple[int, ...]] = OrderedDict()
         self._cache_size = cache_size
 
@@ -301,21 +314,33 @@ class ChatFormatter:
         key = (role, content)
         ids = self._cache.get(key)
         if ids is None:
-            tokenizer = self.tokenizer
-            ids = (
-                tokenizer.im_start_id,
-                *tokenizer.encode_text(role),
-                *tokenizer.newline_ids,
-                *tokenizer.encode_text(content),
-                tokenizer.im_end_id,
-                *tokenizer.newline_ids,
-            )
-            self._cache[key] = ids
-            if len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
+            ids = self._encode_segment(role, content)
+            self.remember(role, content, ids)
         else:
             self._cache.move_to_end(key)
         return ids
+
+    def encode_uncached(self, role: str, content: str) -> list[int]:
+        """Like :meth:`segment`, but a new segment is not cached (text that may be refused)."""
+        cached = self._cache.get((role, content))
+        return list(cached if cached is not None else self._encode_segment(role, content))
+
+    def remember(self, role: str, content: str, ids: Sequence[int]) -> None:
+        """Cache the ids of a segment encoded with :meth:`encode_uncached`."""
+        self._cache[(role, content)] = tuple(ids)
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+
+    def _encode_segment(self, role: str, content: str) -> tuple[int, ...]:
+        tokenizer = self.tokenizer
+        return (
+            tokenizer.im_start_id,
+            *tokenizer.encode_text(role),
+            *tokenizer.newline_ids,
+            *tokenizer.encode_text(content),
+            tokenizer.im_end_id,
+            *tokenizer.newline_ids,
+        )
 
     def segment_text(self, role: str, content: str) -> str:
         return f"{IM_START}{role}\n{content}{IM_END}\n"
@@ -370,30 +395,11 @@ class ChatFormatter:
         return "".join(texts), ids
 
 
-def format_prompt(
-    tokenizer: Any,
-    query: str,
-    history: Sequence[tuple[str, str]] | None = None,
-    system: str | None = SEED_SYSTEM,
-    max_window_size: int | None = None,
-) -> tuple[str, list[int]]:
-    """The tutorial's ``make_context``: ChatML text and ids for ``query`` after ``history``.
+def __getattr__(name: str) -> Any:
+    # ``qwen_magic.chatml.format_prompt`` stays where the tutorial's users import it from; it
+    # lives in ``qwen_magic.prompt`` (budget fitting), so this module stays a leaf.
+    if name == "format_prompt":
+        from qwen_magic.prompt import format_prompt
 
-    Args:
-        tokenizer: Anything :meth:`ChatTokenizer.load` takes, or a ChatFormatter (reuse one to
-            keep its segment cache warm).
-        query: The new user message.
-        history: Past ``(query, response)`` pairs, oldest first.
-        system: The system prompt; None uses the model template's default (possibly none).
-        max_window_size: Token budget for the whole prompt; the oldest turns are dropped to fit.
-
-    Returns:
-        ``(text, token_ids)`` ending with the generation prompt ``<|im_start|>assistant\\n``.
-    """
-    from qwen_magic.history import Conversation
-
-    formatter = tokenizer if isinstance(tokenizer, ChatFormatter) else ChatFormatter(tokenizer)
-    conversation = Conversation.from_pairs(history or [], system=system)
-    budget = max_window_size if max_window_size is not None else 2**62
-    plan = conversation.prepare(formatter, query, budget=budget)
-    return plan.text, plan.token_ids
+        return format_prompt
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

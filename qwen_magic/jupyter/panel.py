@@ -2,24 +2,30 @@
 
 Show it with ``%qwen_panel`` (after ``%load_ext qwen_magic``) or from Python::
 
-    from qwen_magic.widgets import panel
+    from qwen_magic.jupyter.panel import panel
     panel()
 
-Every control is ``widgets.link``-ed to a config trait of the kernel's ``QwenMagics``, so the
-panel and ``%config QwenMagics.temperature = 0.3`` can never disagree: moving a slider changes
-the next ``%%qwen``, and ``%config`` moves the slider. A trait left at ``None`` uses the model's
-default; its "default" box is ticked and the slider only *shows* that default (see
-:mod:`qwen_magic.panel_logic`). The panel observes ``QwenMagics.revision``, bumped on every
-change of a conversation or the engine, so history, budget and model status follow each
-``%%qwen``, ``%qwen undo``/``clear``/``import`` and ``%qwen_load``.
+Every control is ``widgets.link``-ed to a sampling default of the kernel's
+:class:`~qwen_magic.session.ChatSession`, which ``QwenMagics``' config traits are linked to as
+well, so the panel and ``%config QwenMagics.temperature = 0.3`` can never disagree: moving a
+slider changes the next ``%%qwen``, and ``%config`` moves the slider. A setting left at ``None``
+uses the model's default; its "default" box is ticked and the slider only *shows* that default
+(see :mod:`qwen_magic.jupyter.panel_model`). The system box shows and edits the shown
+conversation's own system prompt (empty: the model's default).
 
-This module never imports the engine: it reads the model through ``QwenMagics.chat``.
+The panel observes ``ChatSession.revision``, bumped on every change of a conversation or the
+model, so history, budget and model status follow each ``%%qwen``, ``%qwen undo``/``clear``/
+``import`` and ``%qwen_load``. There is one panel per conversation: showing it again shows the
+same widget, so no stale panel keeps refreshing.
+
+This module never imports a backend: it reads the model through the session.
 """
 
 from __future__ import annotations
 
 import html
 import os
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -27,17 +33,16 @@ import ipywidgets as widgets
 from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.core.magic import Magics, line_magic, magics_class
-from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from IPython.core.magic_arguments import argument, magic_arguments
 from IPython.display import display
-from traitlets import HasTraits
 
-from qwen_magic.display import history_markdown
-from qwen_magic.history import Conversation
-from qwen_magic.panel_logic import (
+from qwen_magic.conversation import Conversation
+from qwen_magic.jupyter import session_for
+from qwen_magic.jupyter.magics import parse
+from qwen_magic.jupyter.panel_model import (
     CONTROL_SPECS,
     ControlSpec,
     budget_fraction,
-    control_spec,
     displayed_value,
     format_budget,
     max_tokens_limit,
@@ -45,15 +50,21 @@ from qwen_magic.panel_logic import (
     system_from_text,
     text_from_system,
 )
+from qwen_magic.prompt import fit_prompt
+from qwen_magic.render import history_markdown
+from qwen_magic.session import DEFAULT_CONVERSATION, ChatSession
 
-__all__ = ["PanelMagics", "QwenPanel", "find_qwen_magics", "panel"]
+__all__ = ["PanelMagics", "QwenPanel", "find_session", "panel"]
+
+# One panel per (session, conversation): showing it again re-displays the same widget.
+_PANELS: weakref.WeakKeyDictionary[ChatSession, dict[str, QwenPanel]] = weakref.WeakKeyDictionary()
 
 
 class QwenPanel(widgets.VBox):
-    """A control panel bound to one ``QwenMagics`` instance (the single source of truth).
+    """A control panel bound to one session (the single source of truth).
 
     Args:
-        magics: The kernel's ``QwenMagics``; its config traits are what the controls set.
+        session: The kernel's session; its sampling defaults are what the controls set.
         conversation: Name of the conversation to show (None: the default one).
     """
 
@@ -62,13 +73,14 @@ class QwenPanel(widgets.VBox):
         # ipywidgets' default would dump every child widget, local paths included.
         return "qwen-magic panel (a live widget: run the notebook to use it)"
 
-    def __init__(self, magics: HasTraits, *, conversation: str | None = None) -> None:
-        self._magics = magics
-        self._conversation_name = conversation
+    def __init__(self, session: ChatSession, *, conversation: str | None = None) -> None:
+        self._session = session
+        self._conversation_name = conversation or DEFAULT_CONVERSATION
         self._control_links: dict[str, widgets.link] = {}
         self._links: list[widgets.link] = []
         self._model_key: tuple[Any, ...] | None = None
         self._shown_history: str | None = None
+        self._showing_system = False
 
         self.status = widgets.HTML()
         self.controls: dict[str, widgets.ValueWidget] = {}
@@ -76,18 +88,13 @@ class QwenPanel(widgets.VBox):
         control_rows = [self._control_row(spec) for spec in CONTROL_SPECS]
 
         self.system_text = widgets.Textarea(
-            placeholder="(empty: the model's default system prompt)",
+            placeholder="(empty: the default system prompt, %config QwenMagics.system, "
+            "else the model's)",
             continuous_update=False,
             rows=3,
             layout=widgets.Layout(width="100%"),
         )
-        self._links.append(
-            widgets.link(
-                (magics, "system"),
-                (self.system_text, "value"),
-                transform=(text_from_system, system_from_text),
-            )
-        )
+        self.system_text.observe(self._on_system_text_value_change, names="value")
 
         self.history = widgets.Output(
             layout=widgets.Layout(max_height="420px", overflow="auto", border="1px solid #ccc")
@@ -100,21 +107,23 @@ class QwenPanel(widgets.VBox):
             description="Clear", icon="trash", tooltip="Forget all turns"
         )
         self.undo_button = widgets.Button(
-            description="Undo", icon="undo", tooltip="Drop the last turn"
+            description="Undo", icon="undo", tooltip="Undo the last change (a turn, a clear, ...)"
         )
         self.export_name = widgets.Text(
-            value="conversation.md",
+            value="conversation.json",
             description="Export to",
             tooltip="A .json (lossless, %qwen import reads it) or .md (readable) file name",
         )
+        self.overwrite = widgets.Checkbox(description="overwrite", indent=False,
+                                          layout=widgets.Layout(width="auto"))  # fmt: skip
         self.export_button = widgets.Button(description="Export", icon="download")
         self.message = widgets.HTML()
 
         self.clear_button.on_click(self._on_clear_button_click)
         self.undo_button.on_click(self._on_undo_button_click)
         self.export_button.on_click(self._on_export_button_click)
-        # QwenMagics bumps `revision` on every change of a conversation or the engine.
-        magics.observe(self._on_magics_revision_change, names="revision")
+        # The session bumps `revision` on every change of a conversation or the model.
+        session.observe(self._on_session_revision_change, names="revision")
 
         super().__init__(
             [
@@ -127,7 +136,7 @@ class QwenPanel(widgets.VBox):
                 self.history,
                 widgets.HBox([self.budget_bar, self.budget_label]),
                 widgets.HBox([self.clear_button, self.undo_button]),
-                widgets.HBox([self.export_name, self.export_button]),
+                widgets.HBox([self.export_name, self.overwrite, self.export_button]),
                 self.message,
             ]
         )
@@ -167,7 +176,7 @@ class QwenPanel(widgets.VBox):
         self.default_boxes[spec.name] = default_box
         self._links.append(
             widgets.link(
-                (self._magics, spec.name),
+                (self._session, spec.name),
                 (default_box, "value"),
                 # Unticking starts sending what the control shows: the user's choice now.
                 transform=(lambda value: value is None, self._trait_for_default_box(spec)),
@@ -183,7 +192,7 @@ class QwenPanel(widgets.VBox):
     def _link_control(self, spec: ControlSpec) -> None:
         """Link a control to its trait; the link's first sync sets what the control shows."""
         self._control_links[spec.name] = widgets.link(
-            (self._magics, spec.name),
+            (self._session, spec.name),
             (self.controls[spec.name], "value"),
             transform=(self._control_value_for(spec), lambda value: value),
         )
@@ -201,47 +210,50 @@ class QwenPanel(widgets.VBox):
 
         return to_control
 
-    # ----------------------------------------------------------------- reading the kernel
+    # ----------------------------------------------------------------- reading the session
 
     @property
     def conversation(self) -> Conversation:
-        """The conversation this panel shows (looked up each time: %qwen import may replace it)."""
-        return self._magics.conversation(self._conversation_name)
+        """The conversation this panel shows."""
+        return self._session.conversation(self._conversation_name)
 
-    def _engine(self) -> Any:
-        chat = getattr(self._magics, "chat", None)
-        return None if chat is None else chat.engine
+    def _info(self) -> Any:
+        bot = self._session.bot
+        return None if bot is None else bot.backend.info
 
     def model_defaults(self) -> dict[str, Any]:
         """The loaded model's sampling defaults (its generation_config), or {} without one."""
-        engine = self._engine()
-        return dict(getattr(engine, "generation_defaults", None) or {})
+        info = self._info()
+        return dict(info.generation_defaults) if info is not None else {}
 
     def _model_facts(self) -> tuple[str | None, int | None, str | None]:
-        engine = self._engine()
-        if engine is None:
+        info = self._info()
+        if info is None:
             return None, None, None
-        return engine.model, engine.max_model_len, engine.device
+        return info.model, info.max_model_len, info.where
+
+    def _empty_prompt_tokens(self) -> int:
+        """Tokens of the shown conversation's prompt with no history and an empty message."""
+        bot = self._session.bot
+        if bot is None or not bot.tokenizer.is_chatml:
+            return 0
+        plan = fit_prompt(bot.formatter, self.conversation.system, [], "", budget=2**62)
+        return plan.num_tokens
 
     def history_usage(self) -> tuple[int | None, int | None]:
         """Tokens the system prompt and history take, and the budget they must fit.
 
-        The budget is what :meth:`Conversation.prepare` uses: context length minus max_tokens.
-        Without a model's tokenizer nothing can be counted: (None, None).
+        The budget is what the next reply gets: context length minus its max_tokens (the
+        same default policy as %%qwen). Without a model nothing can be counted: (None, None).
         """
-        chat = getattr(self._magics, "chat", None)
-        formatter = getattr(chat, "formatter", None)
-        _, max_model_len, _ = self._model_facts()
-        if formatter is None or not max_model_len:
+        bot = self._session.bot
+        if bot is None or not bot.tokenizer.is_chatml:
             return None, None
-        plan = self.conversation.prepare(formatter, "", budget=10**9)
+        conversation = self.conversation
+        plan = fit_prompt(bot.formatter, conversation.system, conversation.turns, "",
+                          budget=2**62)  # fmt: skip
         used = plan.system_tokens + sum(plan.turn_tokens)
-        max_tokens = self._magics.max_tokens
-        if max_tokens is None:
-            max_tokens = displayed_value(
-                control_spec("max_tokens"), None, self.model_defaults(), maximum=max_model_len
-            )
-        return used, max(max_model_len - max_tokens, 0)
+        return used, max(bot.budget(max_tokens=self._session.max_tokens), 0)
 
     # ----------------------------------------------------------------- refreshing
 
@@ -257,10 +269,18 @@ class QwenPanel(widgets.VBox):
             for link in self._control_links.values():
                 link.unlink()
             self._control_links.clear()
-            self.controls["max_tokens"].max = max_tokens_limit(max_model_len)
+            limit = max_tokens_limit(max_model_len, self._empty_prompt_tokens())
+            self.controls["max_tokens"].max = limit
             for spec in CONTROL_SPECS:
                 self._link_control(spec)
 
+        system_text = text_from_system(self.conversation.system)
+        if self.system_text.value != system_text:
+            self._showing_system = True
+            try:
+                self.system_text.value = system_text
+            finally:
+                self._showing_system = False
         markdown = self._history_markdown()
         if markdown != self._shown_history:
             self._shown_history = markdown
@@ -280,8 +300,11 @@ class QwenPanel(widgets.VBox):
         return history_markdown(self.conversation, name=self._conversation_name)
 
     def close(self) -> None:
-        """Stop following the kernel, then close the widgets."""
-        self._magics.unobserve(self._on_magics_revision_change, names="revision")
+        """Stop following the session, then close the widgets."""
+        self._session.unobserve(self._on_session_revision_change, names="revision")
+        panels = _PANELS.get(self._session, {})
+        if panels.get(self._conversation_name) is self:
+            del panels[self._conversation_name]
         for link in [*self._links, *self._control_links.values()]:
             link.unlink()
         self._links.clear()
@@ -290,48 +313,68 @@ class QwenPanel(widgets.VBox):
 
     # ----------------------------------------------------------------- handlers
 
-    def _on_magics_revision_change(self, change: Any) -> None:
+    def _on_session_revision_change(self, change: Any) -> None:
         self.refresh()
 
+    def _on_system_text_value_change(self, change: Any) -> None:
+        if not self._showing_system:
+            self._session.set_system(self._conversation_name, system_from_text(change["new"]))
+
     def _on_clear_button_click(self, button: widgets.Button) -> None:
-        removed = self.conversation.clear()
-        self._say(f"Cleared {removed} turn{'s' if removed != 1 else ''}.")
-        self._magics.revision += 1  # every panel (this one included) refreshes
+        try:
+            removed = self._session.clear(self._conversation_name)
+        except Exception as error:  # busy: a reply is being generated
+            self._say(f"Not cleared: {error}", error=True)
+            return
+        self._say(f"Cleared {removed} turn{'s' if removed != 1 else ''} (Undo brings them back).")
 
     def _on_undo_button_click(self, button: widgets.Button) -> None:
-        turn = self.conversation.undo()
-        self._say("Removed the last turn." if turn else "There is no turn to undo.")
-        self._magics.revision += 1
+        try:
+            undone = self._session.undo(self._conversation_name)
+        except Exception as error:
+            self._say(f"Not undone: {error}", error=True)
+            return
+        self._say("Undid the last change." if undone else "There is nothing to undo.")
 
     def _on_export_button_click(self, button: widgets.Button) -> None:
         name = self.export_name.value.strip()
+        target = Path(os.getcwd()) / Path(name).expanduser()
         try:
-            path = self.conversation.save(Path(os.getcwd()) / Path(name).expanduser())
+            path = self._session.export(self._conversation_name, target,
+                                        force=self.overwrite.value)  # fmt: skip
         except (ValueError, OSError) as error:
             self._say(f"Not exported: {error}", error=True)
             return
-        self._say(
-            f"Exported {len(self.conversation)} turns to <code>{html.escape(str(path))}</code>"
-        )
+        self._say(f"Exported {len(self.conversation)} turns to {path}")
 
     def _say(self, text: str, *, error: bool = False) -> None:
         color = "#b00020" if error else "inherit"
-        self.message.value = f'<span style="color: {color}">{text}</span>'
+        self.message.value = f'<span style="color: {color}">{html.escape(text)}</span>'
 
 
-def find_qwen_magics(shell: InteractiveShell | None = None) -> Any:
-    """Return the shell's ``QwenMagics`` instance, or say how to load it."""
+def find_session(shell: InteractiveShell | None = None) -> ChatSession:
+    """Return the running shell's session, or say how to load the extension."""
     if shell is None:
         shell = InteractiveShell.instance() if InteractiveShell.initialized() else None
-    magics = None if shell is None else shell.magics_manager.registry.get("QwenMagics")
-    if magics is None:
+    if shell is None or shell.magics_manager.registry.get("QwenMagics") is None:
         raise UsageError("qwen-magic is not loaded: run %load_ext qwen_magic first")
-    return magics
+    return session_for(shell)
 
 
 def panel(*, conversation: str | None = None, shell: InteractiveShell | None = None) -> QwenPanel:
-    """Return a panel for the running kernel's ``QwenMagics`` (shown when it ends a cell)."""
-    return QwenPanel(find_qwen_magics(shell), conversation=conversation)
+    """The panel for a conversation of the running kernel (shown when it ends a cell).
+
+    Asking again for the same conversation returns the same panel, refreshed.
+    """
+    session = find_session(shell)
+    name = conversation or DEFAULT_CONVERSATION
+    panels = _PANELS.setdefault(session, {})
+    existing = panels.get(name)
+    if existing is None:
+        existing = panels[name] = QwenPanel(session, conversation=name)
+    else:
+        existing.refresh()
+    return existing
 
 
 @magics_class
@@ -343,5 +386,5 @@ class PanelMagics(Magics):
     @line_magic
     def qwen_panel(self, line: str) -> None:
         """Show sampling controls, system prompt, history and token budget, linked to %config."""
-        args = parse_argstring(self.qwen_panel, line)
+        args = parse(self.qwen_panel.parser, line)
         display(panel(conversation=args.conversation, shell=self.shell))

@@ -1,6 +1,7 @@
 """What the ``%qwen_panel`` shows, decided without widgets: control ranges, labels and meters.
 
-Every sampling control stands for one ``QwenMagics`` config trait whose value may be ``None``
+Every sampling control stands for one sampling default of the session (a ``QwenMagics`` config
+trait too) whose value may be ``None``
 ("use the model's default"). A slider cannot show "nothing", so the panel pairs each control with
 a "default" checkbox:
 
@@ -18,8 +19,9 @@ from __future__ import annotations
 
 import html
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
+
+from qwen_magic.sampling import SETTINGS, SamplingSetting, setting
 
 __all__ = [
     "CONTROL_SPECS",
@@ -37,64 +39,25 @@ __all__ = [
 DEFAULT_MAX_TOKENS_LIMIT = 4096  # the max_tokens slider's range before a model is loaded
 
 
-@dataclass(frozen=True)
-class ControlSpec:
-    """One sampling control: its trait, how it is drawn and what "unset" looks like.
-
-    Attributes:
-        name: The ``QwenMagics`` trait (and SamplingParams field) it sets.
-        label: Short text beside the control.
-        kind: ``"float"`` for a FloatSlider, ``"int"`` for an IntSlider, ``"seed"`` for a box.
-        minimum: Lowest value the control offers.
-        maximum: Highest value the control offers (max_tokens' is replaced by the context length).
-        step: Slider step.
-        neutral: vLLM's own default, shown while unset when the model states no default.
-        help: Tooltip.
-    """
-
-    name: str
-    label: str
-    kind: Literal["float", "int", "seed"]
-    minimum: float
-    maximum: float
-    step: float
-    neutral: float
-    help: str
+# The panel's controls are the rows of the one sampling table (their ranges, steps, labels).
+ControlSpec = SamplingSetting
+CONTROL_SPECS: tuple[SamplingSetting, ...] = SETTINGS
 
 
-CONTROL_SPECS: tuple[ControlSpec, ...] = (
-    ControlSpec("temperature", "temperature", "float", 0.0, 2.0, 0.05, 1.0,
-                "Randomness; 0 always picks the likeliest token."),
-    ControlSpec("top_p", "top_p", "float", 0.01, 1.0, 0.01, 1.0,
-                "Sample from the smallest set of tokens whose probabilities add up to this."),
-    ControlSpec("top_k", "top_k", "int", 0, 200, 1, 0,
-                "Sample from the k likeliest tokens; 0 means no limit."),
-    ControlSpec("min_p", "min_p", "float", 0.0, 1.0, 0.01, 0.0,
-                "Drop tokens less likely than this fraction of the likeliest one."),
-    ControlSpec("max_tokens", "max_tokens", "int", 1, DEFAULT_MAX_TOKENS_LIMIT, 1, 512,
-                "Most tokens in one reply."),
-    ControlSpec("repetition_penalty", "repetition", "float", 1.0, 2.0, 0.01, 1.0,
-                "Penalise tokens already in the prompt or reply (1 = off)."),
-    ControlSpec("presence_penalty", "presence", "float", -2.0, 2.0, 0.05, 0.0,
-                "Penalise tokens that already appeared in the reply (0 = off)."),
-    ControlSpec("frequency_penalty", "frequency", "float", -2.0, 2.0, 0.05, 0.0,
-                "Penalise tokens by how often they appeared in the reply (0 = off)."),
-    ControlSpec("seed", "seed", "seed", 0, 2**31 - 1, 1, 0,
-                "Fix the random seed so a reply can be reproduced; default means unseeded."),
-)  # fmt: skip
-
-
-def control_spec(name: str) -> ControlSpec:
+def control_spec(name: str) -> SamplingSetting:
     """Return the spec of the control for trait ``name``."""
-    for spec in CONTROL_SPECS:
-        if spec.name == name:
-            return spec
-    raise KeyError(f"no panel control for {name!r}")
+    return setting(name)
 
 
-def max_tokens_limit(max_model_len: int | None) -> int:
-    """The max_tokens slider's upper end: the context length once a model is loaded."""
-    return max_model_len if max_model_len and max_model_len > 0 else DEFAULT_MAX_TOKENS_LIMIT
+def max_tokens_limit(max_model_len: int | None, min_prompt_tokens: int = 0) -> int:
+    """The max_tokens slider's upper end: what the context leaves beside the smallest prompt.
+
+    ``min_prompt_tokens`` is the prompt of an empty conversation (system prompt and reply
+    prompt), so every value the slider offers leaves room for at least that.
+    """
+    if not max_model_len or max_model_len <= 0:
+        return DEFAULT_MAX_TOKENS_LIMIT
+    return max(1, max_model_len - min_prompt_tokens - 1)
 
 
 def displayed_value(

@@ -1,0 +1,311 @@
+"""Conversations: turns, an undo stack that makes every change reversible, export and import.
+
+A :class:`Conversation` holds a system prompt and a list of :class:`Turn`. Every change goes
+through a method that first remembers the state before it (:meth:`Conversation.undo` brings that
+state back), so nothing a user did is ever silently lost:
+
+- :meth:`~Conversation.record` adds a turn; a turn recorded under the ``key`` of an earlier one
+  (a re-run notebook cell) replaces it, and the turns after it are *set aside* (the returned
+  :class:`Recorded` says how many; one undo restores them);
+- :meth:`~Conversation.clear`, :meth:`~Conversation.replace` (an import) and
+  :meth:`~Conversation.set_system` are undoable the same way.
+
+Exports are JSON (lossless, :meth:`Conversation.load` reads them back) or Markdown (for reading).
+They are written atomically and never overwrite a file unless asked to. Imports are validated
+field by field and capped in size; a bad file is one readable ``ValueError``.
+
+Pure Python: no vLLM, IPython or ipywidgets import.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+__all__ = ["FORMAT_VERSION", "Conversation", "Recorded", "Turn"]
+
+FORMAT = "qwen-magic-conversation"
+FORMAT_VERSION = 1
+MAX_IMPORT_BYTES = 50 * 1024**2  # a bigger file is refused before it is read
+MAX_IMPORT_TURNS = 100_000
+UNDO_DEPTH = 100
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat()
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One exchange: the user's message and the model's reply.
+
+    Attributes:
+        user: The user's message.
+        assistant: The model's reply (partial when ``interrupted``).
+        key: Where the turn came from (a notebook cell); recording that key again replaces it.
+        interrupted: The reply was cut short by an interrupt or an error.
+        created: ISO timestamp, for exports.
+    """
+
+    user: str
+    assistant: str
+    key: str | None = None
+    interrupted: bool = False
+    created: str = field(default_factory=_now)
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """What :meth:`Conversation.record` did.
+
+    Attributes:
+        turn: The new turn.
+        replaced: The 1-based number of the turn it replaced (a re-run), or None.
+        set_aside: How many later turns were set aside (``undo`` brings them back).
+    """
+
+    turn: Turn
+    replaced: int | None = None
+    set_aside: int = 0
+
+
+_Snapshot = tuple[str | None, tuple[Turn, ...]]
+
+
+class Conversation:
+    """A system prompt and the turns so far, with undo.
+
+    Args:
+        system: The system prompt; None means the model template's default (Qwen2.5 inserts
+            "You are Qwen, ..."; Qwen3 inserts none).
+        turns: Initial turns.
+    """
+
+    def __init__(self, system: str | None = None, turns: Iterable[Turn] = ()) -> None:
+        self.system = system
+        self.turns: list[Turn] = list(turns)
+        self._undo: deque[_Snapshot] = deque(maxlen=UNDO_DEPTH)
+
+    def __repr__(self) -> str:
+        return f"Conversation(system={self.system!r}, turns={len(self.turns)})"
+
+    def __len__(self) -> int:
+        return len(self.turns)
+
+    @classmethod
+    def from_pairs(cls, pairs: Iterable[Sequence[str]], system: str | None = None) -> Conversation:
+        """Build from the tutorial's ``[(query, response), ...]`` history."""
+        turns = []
+        for pair in pairs:
+            if isinstance(pair, str) or len(pair) != 2:
+                raise ValueError(f"history items must be (query, response) pairs, got {pair!r}")
+            turns.append(Turn(user=str(pair[0]), assistant=str(pair[1])))
+        return cls(system=system, turns=turns)
+
+    def pairs(self) -> list[tuple[str, str]]:
+        """The turns as ``(query, response)`` pairs."""
+        return [(turn.user, turn.assistant) for turn in self.turns]
+
+    # ------------------------------------------------------------------ reading
+
+    def _index_of(self, key: str | None) -> int | None:
+        if key is None:
+            return None
+        return next((i for i, turn in enumerate(self.turns) if turn.key == key), None)
+
+    def context_turns(self, key: str | None = None) -> list[Turn]:
+        """Turns a new message sees: all of them, or those before the turn ``key`` replaces."""
+        index = self._index_of(key)
+        return list(self.turns if index is None else self.turns[:index])
+
+    @property
+    def undo_depth(self) -> int:
+        """How many changes :meth:`undo` can take back."""
+        return len(self._undo)
+
+    def rollback(self, depth: int) -> None:
+        """Undo every change made since :attr:`undo_depth` was ``depth`` (a failed request)."""
+        while len(self._undo) > depth:
+            self.undo()
+
+    # ------------------------------------------------------------------ changing (undoable)
+
+    def _remember(self) -> None:
+        self._undo.append((self.system, tuple(self.turns)))
+
+    def record(
+        self, message: str, reply: str, *, key: str | None = None, interrupted: bool = False
+    ) -> Recorded:
+        """Add a turn. A turn with the same ``key`` is replaced and the later ones set aside."""
+        self._remember()
+        index = self._index_of(key)
+        turn = Turn(user=message, assistant=reply, key=key, interrupted=interrupted)
+        if index is None:
+            self.turns.append(turn)
+            return Recorded(turn)
+        set_aside = len(self.turns) - index - 1
+        self.turns[index:] = [turn]
+        return Recorded(turn, replaced=index + 1, set_aside=set_aside)
+
+    def clear(self) -> int:
+        """Forget every turn (the system prompt stays); returns how many. Undoable."""
+        removed = len(self.turns)
+        if removed:
+            self._remember()
+            self.turns.clear()
+        return removed
+
+    def set_system(self, system: str | None) -> None:
+        """Change the system prompt. Undoable."""
+        if system != self.system:
+            self._remember()
+            self.system = system
+
+    def replace(self, other: Conversation) -> None:
+        """Take ``other``'s system prompt and turns (an import). Undoable."""
+        self._remember()
+        self.system = other.system
+        self.turns = list(other.turns)
+
+    def undo(self) -> bool:
+        """Bring back the state before the last change; False when there is nothing to undo."""
+        if not self._undo:
+            return False
+        self.system, turns = self._undo.pop()
+        self.turns = list(turns)
+        return True
+
+    # ------------------------------------------------------------------ export and import
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "system": self.system,
+            "turns": [asdict(turn) for turn in self.turns],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Conversation:
+        """Validate and read an export; every problem is one ``ValueError`` line."""
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise ValueError("not a qwen-magic conversation export (expected its JSON format)")
+        version = data.get("version")
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise ValueError(f"the export's version must be a whole number >= 1, got {version!r}")
+        if version > FORMAT_VERSION:
+            raise ValueError(
+                f"this export has format version {version}; upgrade qwen-magic to read it"
+            )
+        system = data.get("system")
+        if system is not None and not isinstance(system, str):
+            raise ValueError(f"the export's system prompt must be text or null, got {system!r}")
+        items = data.get("turns")
+        if not isinstance(items, list):
+            raise ValueError("the export has no list of turns ('turns')")
+        if len(items) > MAX_IMPORT_TURNS:
+            raise ValueError(f"the export has {len(items):,} turns, more than {MAX_IMPORT_TURNS:,}")
+        return cls(system=system, turns=[_turn_from(item, number) for number, item in
+                                         enumerate(items, start=1)])  # fmt: skip
+
+    def to_json(self) -> str:
+        """Lossless JSON (unicode kept as is, so exports stay readable)."""
+        return json.dumps(self.to_dict(), ensure_ascii=False, indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> Conversation:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"not valid JSON ({error.msg} at line {error.lineno})") from None
+        except RecursionError:
+            raise ValueError("the JSON is nested too deeply to be an export") from None
+        return cls.from_dict(data)
+
+    def to_markdown(self) -> str:
+        """A readable transcript (the same rendering ``%qwen history`` shows)."""
+        from qwen_magic.render import history_markdown
+
+        return history_markdown(self)
+
+    def save(self, path: str | Path, *, force: bool = False) -> Path:
+        """Write JSON (``.json``) or Markdown (``.md``), chosen by the suffix.
+
+        The file is written to a temporary file beside it and renamed into place, so a crash
+        never leaves half an export. An existing file is kept unless ``force``.
+        """
+        path = Path(path).expanduser()
+        suffix = path.suffix.lower()
+        if suffix not in {".json", ".md"}:
+            raise ValueError(f"cannot export to {path.name}: use a .json or .md file name")
+        if not path.parent.is_dir():
+            raise ValueError(f"no folder {path.parent}: create it first or pick another path")
+        if path.is_dir():
+            raise ValueError(f"{path} is a folder: give a file name")
+        if path.exists() and not force:
+            raise FileExistsError(f"{path} exists: pick another name or overwrite it with --force")
+        text = (self.to_json() if suffix == ".json" else self.to_markdown()) + "\n"
+        _write_atomically(path, text)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Conversation:
+        """Read a JSON export written by :meth:`save` (at most 50 MB)."""
+        path = Path(path).expanduser()
+        if path.suffix.lower() != ".json":
+            raise ValueError(f"cannot import {path.name}: only .json exports can be read back")
+        size = path.stat().st_size
+        if size > MAX_IMPORT_BYTES:
+            raise ValueError(
+                f"{path.name} is {size / 1024**2:.0f} MB, more than an export can be "
+                f"({MAX_IMPORT_BYTES // 1024**2} MB)"
+            )
+        try:
+            return cls.from_json(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise ValueError(f"{path.name} is not UTF-8 text: is it an export?") from None
+        except ValueError as error:
+            raise ValueError(f"{path.name}: {error}") from None
+
+
+def _turn_from(item: Any, number: int) -> Turn:
+    """One validated turn of an export."""
+    if not isinstance(item, dict):
+        raise ValueError(f"turn {number} of the export is not an object")
+    for name in ("user", "assistant"):
+        if not isinstance(item.get(name), str):
+            raise ValueError(f"turn {number} of the export needs '{name}' text")
+    key, interrupted = item.get("key"), item.get("interrupted", False)
+    if key is not None and not isinstance(key, str):
+        raise ValueError(f"turn {number} of the export has a key that is not text: {key!r}")
+    if not isinstance(interrupted, bool):
+        raise ValueError(f"turn {number}'s 'interrupted' must be true or false")
+    created = item.get("created")
+    fields = {"user": item["user"], "assistant": item["assistant"], "key": key}
+    turn = Turn(interrupted=interrupted, **fields)
+    return turn if not isinstance(created, str) else replace(turn, created=created)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        os.chmod(temporary, 0o666 & ~umask)  # as an ordinary new file, not mkstemp's 0600
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise

@@ -1,0 +1,302 @@
+"""The chat session every front-end shares: the model, named conversations and their rules.
+
+A :class:`ChatSession` holds, for one kernel (or one terminal chat, or one web page):
+
+- the loaded model (a :class:`qwen_magic.chat.QwenChat`, at most one, held on the instance);
+- named conversations, each with undo (:mod:`qwen_magic.conversation`);
+- the system-prompt rule: a conversation follows :attr:`ChatSession.system` until it is given
+  its own prompt (``-s``, an import), then keeps that one;
+- the sampling defaults (one trait per row of :data:`qwen_magic.sampling.SETTINGS`; None means
+  the model's own default), which a front-end may link its own settings to;
+- :attr:`ChatSession.revision`, bumped after every change, for views that follow the session;
+- the one-request-at-a-time rule: a second request while one is running gets
+  :class:`SessionBusy` at once, never a reply interleaved with another.
+
+Front-ends parse their input, call these methods and show the result; no chat logic lives in
+them. Pure Python (traitlets): no vLLM, IPython, ipywidgets or network import.
+"""
+
+from __future__ import annotations
+
+import threading
+import types
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from traitlets import HasTraits, Int, TraitError, Unicode, observe, validate
+
+from qwen_magic.backends.base import BackendBusy, BackendError
+from qwen_magic.conversation import Conversation
+from qwen_magic.sampling import SAMPLING_SETTINGS, config_traits
+from qwen_magic.sampling import validate as validate_sampling
+
+if TYPE_CHECKING:
+    from qwen_magic.chat import QwenChat, Reply
+
+__all__ = ["DEFAULT_CONVERSATION", "ChatSession", "SessionBusy"]
+
+DEFAULT_CONVERSATION = "default"
+
+
+class SessionBusy(BackendBusy):
+    """A reply is already being generated in this session."""
+
+
+_SamplingDefaults = types.new_class(
+    "_SamplingDefaults", (HasTraits,), exec_body=lambda namespace: namespace.update(config_traits())
+)
+
+
+class ChatSession(_SamplingDefaults):  # type: ignore[misc, valid-type]
+    """Model, conversations, defaults and rules shared by every front-end of one process."""
+
+    system = Unicode(
+        None,
+        allow_none=True,
+        help="System prompt of conversations not given their own; None: the model's.",
+    )
+    revision = Int(0, help="Bumped after every change of a conversation or the model.")
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.bot: QwenChat | None = None
+        self.loaded_request: tuple[Any, ...] | None = None
+        self.conversations: dict[str, Conversation] = {}
+        self._own_system: set[str] = set()
+        self._request_lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        model = "no model" if self.bot is None else self.bot.backend.info.model
+        return f"<ChatSession: {model}, {len(self.conversations)} conversation(s)>"
+
+    # ------------------------------------------------------------------ defaults
+
+    @validate(*SAMPLING_SETTINGS)
+    def _validate_sampling_default(self, proposal: Any) -> Any:
+        try:
+            validate_sampling({proposal["trait"].name: proposal["value"]})
+        except ValueError as error:
+            raise TraitError(str(error)) from None
+        return proposal["value"]
+
+    def sampling_defaults(self) -> dict[str, Any]:
+        """The sampling settings set as defaults (None ones left out)."""
+        values = {name: getattr(self, name) for name in SAMPLING_SETTINGS}
+        return {name: value for name, value in values.items() if value is not None}
+
+    @observe("system")
+    def _on_system_change(self, change: Any) -> None:
+        for name, conversation in self.conversations.items():
+            if name not in self._own_system:
+                conversation.system = change["new"]
+        self.changed()
+
+    def changed(self) -> None:
+        """Tell the views following :attr:`revision` that something changed."""
+        self.revision += 1
+
+    # ------------------------------------------------------------------ conversations
+
+    def conversation(self, name: str | None = None) -> Conversation:
+        """The conversation ``name`` (default: "default"), created empty on first use."""
+        name = name or DEFAULT_CONVERSATION
+        if name not in self.conversations:
+            self.conversations[name] = Conversation(system=self.system)
+        return self.conversations[name]
+
+    def owns_system(self, name: str | None = None) -> bool:
+        """Whether the conversation has its own system prompt (else it follows the default)."""
+        return (name or DEFAULT_CONVERSATION) in self._own_system
+
+    def set_system(self, name: str | None, system: str | None) -> None:
+        """Give a conversation its own system prompt (undoable), or None to follow the default."""
+        name = name or DEFAULT_CONVERSATION
+        conversation = self.conversation(name)
+        if system is None:
+            self._own_system.discard(name)
+            conversation.set_system(self.system)
+        else:
+            self._own_system.add(name)
+            conversation.set_system(system)
+        self.changed()
+
+    def clear(self, name: str | None = None) -> int:
+        """Forget a conversation's turns (undoable); returns how many."""
+        with self._exclusive():
+            removed = self.conversation(name).clear()
+        self.changed()
+        return removed
+
+    def undo(self, name: str | None = None) -> bool:
+        """Undo the last change to a conversation; False when there is nothing to undo."""
+        with self._exclusive():
+            undone = self.conversation(name).undo()
+        self.changed()
+        return undone
+
+    def export(self, name: str | None, path: str | Path, *, force: bool = False) -> Path:
+        """Write the conversation to ``.json`` (lossless) or ``.md``; see Conversation.save."""
+        return self.conversation(name).save(path, force=force)
+
+    def import_file(self, name: str | None, path: str | Path, *, replace: bool = False) -> int:
+        """Read a JSON export into a conversation (undoable); returns its number of turns.
+
+        Raises:
+            ValueError: The file is not a valid export, or the conversation has turns and
+                ``replace`` is not set.
+        """
+        imported = Conversation.load(path)
+        name = name or DEFAULT_CONVERSATION
+        with self._exclusive():
+            conversation = self.conversation(name)
+            if len(conversation) and not replace:
+                raise ValueError(
+                    f"`{name}` has {len(conversation)} turn(s): add --replace to replace them "
+                    "(undo brings them back), or import into another conversation"
+                )
+            conversation.replace(imported)
+            self._own_system.add(name)
+        self.changed()
+        return len(imported)
+
+    # ------------------------------------------------------------------ the model
+
+    def load(
+        self,
+        model: str,
+        options: dict[str, Any],
+        *,
+        progress: Callable[[str], None] | None = None,
+        verbose: bool = False,
+        reload: bool = False,
+    ) -> bool:
+        """Load ``model`` (replacing another); False when it is already loaded as asked.
+
+        Options are checked before the loaded model is freed, so a typo keeps it.
+
+        Raises:
+            BackendError: A wrong option, no such model, or the load failed.
+            ModelFetchError: The demo or test model could not be fetched.
+        """
+        from qwen_magic.backends import check_options
+        from qwen_magic.models import resolve_model
+
+        path = resolve_model(model)
+        check_options(path, **options)
+        request = (path, tuple(sorted((key, repr(value)) for key, value in options.items())))
+        if self.bot is not None and request == self.loaded_request and not reload:
+            return False
+        with self._exclusive():
+            self.unload()  # free the old engine before the new one takes memory
+            from qwen_magic.chat import QwenChat
+
+            self.bot = QwenChat(path, progress=progress, verbose=verbose, **options)
+            self.loaded_request = request
+        self.changed()
+        return True
+
+    def unload(self) -> str | None:
+        """Free the model and its memory (the conversations stay); returns its name."""
+        bot, self.bot, self.loaded_request = self.bot, None, None
+        if bot is None:
+            return None
+        model = bot.backend.info.model
+        bot.close()
+        self.changed()
+        return model
+
+    def require_bot(self) -> QwenChat:
+        if self.bot is None:
+            from qwen_magic.render import NO_MODEL
+
+            raise BackendError(NO_MODEL)
+        return self.bot
+
+    # ------------------------------------------------------------------ asking
+
+    @contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        if not self._request_lock.acquire(blocking=False):
+            raise SessionBusy(
+                "a reply is still being generated: wait for it or stop it, then try again"
+            )
+        try:
+            yield
+        finally:
+            self._request_lock.release()
+
+    @property
+    def busy(self) -> bool:
+        """True while a reply is being generated."""
+        return self._request_lock.locked()
+
+    def ask(
+        self,
+        name: str | None,
+        message: str,
+        *,
+        system: str | None = None,
+        new: bool = False,
+        key: str | None = None,
+        use_history: bool = True,
+        n: int = 1,
+        on_delta: Callable[[int, str], None] | None = None,
+        **sampling: Any,
+    ) -> Reply:
+        """Answer ``message`` in conversation ``name`` and record the turn.
+
+        ``system`` gives the conversation its own system prompt and ``new`` clears it first;
+        both are undoable and, like everything else, undone again if the request fails. An
+        interrupted reply is recorded, marked, and the KeyboardInterrupt re-raised (with the
+        partial reply as ``.reply``).
+
+        Raises:
+            SessionBusy: Another reply is being generated.
+            BackendError, ValueError, TypeError: A mistake; the conversation is as it was.
+        """
+        bot = self.require_bot()
+        name = name or DEFAULT_CONVERSATION
+        values = {**self.sampling_defaults(), **validate_sampling(sampling)}
+        with self._exclusive():
+            conversation = self.conversation(name)
+            owned = name in self._own_system
+            depth = conversation.undo_depth
+            try:
+                if new:
+                    conversation.clear()
+                if system is not None:
+                    self._own_system.add(name)
+                    conversation.set_system(system)
+                return bot.reply(
+                    conversation,
+                    message,
+                    key=key,
+                    use_history=use_history,
+                    n=n,
+                    on_delta=on_delta,
+                    on_overflow="error",
+                    **values,
+                )
+            except Exception:
+                conversation.rollback(depth)
+                if not owned:
+                    self._own_system.discard(name)
+                raise
+            finally:
+                self.changed()
+
+    def complete(
+        self,
+        text: str,
+        *,
+        n: int = 1,
+        on_delta: Callable[[int, str], None] | None = None,
+        **sampling: Any,
+    ) -> Reply:
+        """Continue ``text`` as plain text (no ChatML, no conversation)."""
+        bot = self.require_bot()
+        values = {**self.sampling_defaults(), **validate_sampling(sampling)}
+        with self._exclusive():
+            return bot.complete(text, n=n, on_delta=on_delta, **values)
