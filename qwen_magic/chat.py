@@ -26,6 +26,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -203,9 +204,12 @@ class QwenChat:
             conversation, prompt, sampling, use_history=True, key=None, on_overflow="truncate"
         )
         stop = self.tokenizer.stop_token_ids
-        for delta in self.backend.stream(plan.token_ids, stop_token_ids=stop, **values):
-            if delta.text:
-                yield delta.text
+        # Closed explicitly, so the request is aborted the moment this generator is closed,
+        # whatever else still references the backend's stream.
+        with closing(self.backend.stream(plan.token_ids, stop_token_ids=stop, **values)) as deltas:
+            for delta in deltas:
+                if delta.text:
+                    yield delta.text
 
     def reply(
         self,
@@ -352,8 +356,9 @@ class QwenChat:
             )
 
         stop = self.tokenizer.stop_token_ids
+        deltas = self.backend.stream(prompt_ids, n=n, stop_token_ids=stop, **values)
         try:
-            for delta in self.backend.stream(prompt_ids, n=n, stop_token_ids=stop, **values):
+            for delta in deltas:
                 texts[delta.index] += delta.text
                 generated += len(delta.token_ids)
                 if delta.num_cached_tokens is not None:
@@ -363,8 +368,11 @@ class QwenChat:
                 if on_delta is not None and delta.text:
                     on_delta(delta.index, delta.text)
         except KeyboardInterrupt as interrupt:
+            deltas.close()  # abort now: the interrupt may have come from on_delta
             interrupt.reply = build(True)  # type: ignore[attr-defined]
             raise
+        finally:
+            deltas.close()
         return build(False)
 
 

@@ -1,33 +1,36 @@
-"""The vLLM engine: options, streaming, sampling, interrupts and unloading.
+"""The in-process vLLM backend: options, streaming, sampling, interrupts, one request at a time.
 
 Engine tests run a real vLLM engine on the tiny random-weight model (real Qwen2.5 tokenizer);
-its text is nonsense, so they check mechanics, not meaning.
+its text is nonsense, so they check mechanics, not meaning. What must be freed after errors is
+in ``test_lifetime.py``.
 """
 
 from __future__ import annotations
 
 import _thread
 import gc
+import io
 import json
+import logging
+import math
 import signal
 import subprocess
 import sys
 import textwrap
 import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import pytest
 
+from qwen_magic.backends import Backend, BackendBusy, BackendInfo, Delta, check_options
+from qwen_magic.backends.vllm_local import Engine
+from qwen_magic.backends.vllm_options import EngineError, EngineOptions
 from qwen_magic.chatml import ChatFormatter
-from qwen_magic.engine import (
-    DEFAULT_MAX_TOKENS,
-    Delta,
-    Engine,
-    EngineError,
-    EngineOptions,
-    validate_sampling,
-)
+from qwen_magic.sampling import DEFAULT_MAX_TOKENS, default_max_tokens, validate
 
 IM_START, IM_END, ENDOFTEXT = 151644, 151645, 151643
 STOP_IDS = [IM_END, ENDOFTEXT, IM_START]
@@ -44,8 +47,12 @@ def test_missing_local_folder_is_one_clear_line(tmp_path: Path) -> None:
         EngineOptions(model=str(tmp_path / "nope"))
 
 
-def test_hub_id_passes_through() -> None:
-    assert EngineOptions(model="Qwen/Qwen2.5-0.5B-Instruct").model == "Qwen/Qwen2.5-0.5B-Instruct"
+@pytest.mark.parametrize("hub_id", ["Qwen/Qwen2.5-0.5B-Instruct", "gpt2"])
+def test_hub_id_passes_through(
+    hub_id: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # no folder of that name here
+    assert EngineOptions(model=hub_id).model == hub_id
 
 
 @pytest.mark.parametrize(
@@ -56,13 +63,28 @@ def test_hub_id_passes_through() -> None:
         ("gpu_memory_utilization", 1.5, "gpu_memory_utilization"),
         ("tensor_parallel_size", 0, "tensor_parallel_size"),
         ("kv_cache_gib", 0, "kv_cache_gib"),
+        ("enforce_eager", "yes", "enforce_eager must be True or False, got 'yes'"),
+        ("seed", "1", "seed must be a whole number, got '1'"),
+        ("max_model_len", "4096", "max_model_len must be a whole number, got '4096'"),
+        ("max_model_len", 4096.0, "max_model_len must be a whole number"),
+        ("kv_cache_gib", math.inf, "kv_cache_gib must be positive, got inf"),
+        ("kv_cache_gib", math.nan, "kv_cache_gib"),
+        ("trust_remote_code", 1, "trust_remote_code must be True or False"),
+        ("tensor_parallel_size", True, "tensor_parallel_size must be a whole number"),
+        ("extra", ["swap_space"], "extra must be a dict"),
     ],
 )
-def test_bad_options_raise_engine_error(
+def test_bad_options_raise_one_line_engine_error(
     tmp_path: Path, field: str, value: Any, message: str
 ) -> None:
-    with pytest.raises(EngineError, match=message):
+    with pytest.raises(EngineError, match=message) as caught:
         EngineOptions(model=str(tmp_path), **{field: value})
+    assert "\n" not in str(caught.value)
+
+
+def test_unknown_option_names_are_refused_without_vllm(tmp_path: Path) -> None:
+    with pytest.raises(EngineError, match="unknown engine option 'max_len'"):
+        check_options(str(tmp_path), max_len=10)
 
 
 def test_llm_kwargs_defaults_per_device(tmp_path: Path) -> None:
@@ -85,6 +107,13 @@ def test_llm_kwargs_drop_options_this_vllm_lacks(tmp_path: Path) -> None:
     assert kwargs["enable_prefix_caching"] is True and kwargs["kv_cache_memory_bytes"] == 1024**3
 
 
+def test_check_extra_names_the_unknown_keys(tmp_path: Path) -> None:
+    EngineOptions(model=str(tmp_path), extra={"swap_space": 4}).check_extra({"swap_space"})
+    options = EngineOptions(model=str(tmp_path), extra={"swap_space": 4, "swap_spce": 4})
+    with pytest.raises(EngineError, match="no argument 'swap_spce' \\(from extra\\)"):
+        options.check_extra({"swap_space"})
+
+
 @pytest.mark.parametrize(
     ("sampling", "error"),
     [
@@ -97,18 +126,27 @@ def test_llm_kwargs_drop_options_this_vllm_lacks(tmp_path: Path) -> None:
 )
 def test_validate_sampling_rejects(sampling: dict[str, Any], error: type[Exception]) -> None:
     with pytest.raises(error, match=next(iter(sampling))):
-        validate_sampling(sampling)
+        validate(sampling)
 
 
 def test_validate_sampling_drops_none_and_normalises_stop() -> None:
-    assert validate_sampling({"temperature": None, "stop": "END"}) == {"stop": ["END"]}
+    assert validate({"temperature": None, "stop": "END"}) == {"stop": ["END"]}
+
+
+@pytest.mark.parametrize(
+    ("max_model_len", "expected"), [(512, 128), (2048, 512), (32768, 512), (16, 4)]
+)
+def test_default_max_tokens_is_at_most_a_quarter_of_the_context(
+    max_model_len: int, expected: int
+) -> None:
+    assert default_max_tokens(max_model_len) == expected
 
 
 # --- a real engine on the tiny model -------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_model: Path) -> Any:
+def engine(tiny_model: Path) -> Iterator[Engine]:
     with Engine(
         EngineOptions(model=str(tiny_model), max_model_len=2048, kv_cache_gib=0.25, seed=0)
     ) as loaded:
@@ -120,9 +158,21 @@ def prompt_ids(tiny_model: Path) -> list[int]:
     return ChatFormatter(tiny_model).format([("user", "Say something.")])[1]
 
 
+def _join(deltas: Iterator[Delta] | list[Delta], n: int = 1) -> list[str]:
+    texts = [""] * n
+    for delta in deltas:
+        texts[delta.index] += delta.text
+    return texts
+
+
+def _generate(engine: Engine, prompt_ids: list[int], n: int = 1, **sampling: Any) -> list[str]:
+    """The finished texts of one request (what ``Engine.generate`` used to return)."""
+    return _join(engine.stream(prompt_ids, n=n, stop_token_ids=STOP_IDS, **sampling), n)
+
+
 def _capture_params(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> list[Any]:
-    """Record every SamplingParams the engine hands to vLLM."""
-    llm_engine = engine._llm.llm_engine
+    """Record every SamplingParams the engine hands to vLLM (a spy: the request still runs)."""
+    llm_engine = engine.llm.llm_engine
     sent: list[Any] = []
     original = llm_engine.add_request
 
@@ -146,17 +196,35 @@ def test_engine_properties(engine: Engine, tiny_model: Path) -> None:
     memory = engine.memory()
     assert memory["total_rss"] >= memory["process_rss"] > 100 * 2**20
     assert memory["gpu_used"] is None
+    assert isinstance(engine, Backend)
+    assert engine.info == BackendInfo(
+        model=str(tiny_model),
+        max_model_len=2048,
+        generation_defaults=engine.generation_defaults,
+        where="cpu",
+        version=f"vLLM {engine.vllm_version}",
+    )
+    assert engine.status()["memory"]
+    assert not engine.busy and not engine.closed
 
 
 @pytest.mark.engine
-def test_stream_joins_to_generate_text(engine: Engine, prompt_ids: list[int]) -> None:
+def test_stream_deltas_join_to_vllms_own_output(engine: Engine, prompt_ids: list[int]) -> None:
+    from vllm import SamplingParams
+
     deltas = list(engine.stream(prompt_ids, stop_token_ids=STOP_IDS, max_tokens=12, temperature=0))
     assert all(isinstance(delta, Delta) for delta in deltas)
-    assert len(deltas) > 1 and deltas[-1].finished and deltas[-1].finish_reason is not None
-    streamed = "".join(delta.text for delta in deltas)
-    generated = engine.generate(prompt_ids, stop_token_ids=STOP_IDS, max_tokens=12, temperature=0)
-    assert generated == [streamed]
+    assert len(deltas) > 1 and deltas[-1].finished
+    assert [delta.finish_reason for delta in deltas] == [None] * (len(deltas) - 1) + ["length"]
+    assert sum(len(delta.token_ids) for delta in deltas) == 12
+    (streamed,) = _join(deltas)
     assert not any(mark in streamed for mark in CONTROL_TEXTS)
+    params = SamplingParams(max_tokens=12, temperature=0, stop_token_ids=STOP_IDS)
+    (output,) = engine.llm.generate([{"prompt_token_ids": prompt_ids}], params, use_tqdm=False)
+    assert output.outputs[0].text == streamed
+    assert [token for delta in deltas for token in delta.token_ids] == list(
+        output.outputs[0].token_ids
+    )
 
 
 @pytest.mark.engine
@@ -176,7 +244,7 @@ def test_every_sampling_option_reaches_vllm(
         "seed": 7,
         "stop": ["zzz"],
     }
-    engine.generate(prompt_ids, n=2, stop_token_ids=STOP_IDS, **options)
+    _generate(engine, prompt_ids, n=2, **options)
     (params,) = sent
     for key, value in options.items():
         assert getattr(params, key) == value, key
@@ -187,10 +255,10 @@ def test_every_sampling_option_reaches_vllm(
 
 @pytest.mark.engine
 def test_model_defaults_fill_in_and_max_tokens_is_sensible(
-    engine: Engine, prompt_ids: list[int], monkeypatch: pytest.MonkeyPatch
+    engine: Engine, prompt_ids: list[int]
 ) -> None:
     resolved = engine.resolve_sampling(len(prompt_ids))
-    assert resolved["max_tokens"] == DEFAULT_MAX_TOKENS  # never vLLM's 16
+    assert resolved["max_tokens"] == default_max_tokens(2048) == DEFAULT_MAX_TOKENS  # not 16
     for key, value in engine.generation_defaults.items():
         assert resolved[key] == value
     assert engine.resolve_sampling(len(prompt_ids), temperature=0.0)["temperature"] == 0.0
@@ -204,10 +272,18 @@ def test_model_defaults_fill_in_and_max_tokens_is_sensible(
 def test_max_tokens_n_and_seed_behave(engine: Engine, prompt_ids: list[int]) -> None:
     deltas = list(engine.stream(prompt_ids, stop_token_ids=STOP_IDS, max_tokens=5))
     assert sum(len(delta.token_ids) for delta in deltas) <= 5
-    first = engine.generate(prompt_ids, n=3, stop_token_ids=STOP_IDS, max_tokens=6, seed=3)
-    again = engine.generate(prompt_ids, n=3, stop_token_ids=STOP_IDS, max_tokens=6, seed=3)
+    first = _generate(engine, prompt_ids, n=3, max_tokens=6, seed=3)
+    again = _generate(engine, prompt_ids, n=3, max_tokens=6, seed=3)
     assert len(first) == 3 and first == again
     assert len(set(first)) > 1  # three independent samples, not one copied
+
+
+@pytest.mark.engine
+def test_several_greedy_samples_are_refused(engine: Engine, prompt_ids: list[int]) -> None:
+    with pytest.raises(EngineError, match="temperature above 0") as caught:
+        _generate(engine, prompt_ids, n=2, temperature=0, max_tokens=4)
+    assert "\n" not in str(caught.value)
+    assert not engine.busy
 
 
 @pytest.mark.engine
@@ -225,8 +301,9 @@ def test_stop_token_ids_are_honoured(engine: Engine, prompt_ids: list[int]) -> N
 
 
 def _assert_idle_and_usable(engine: Engine, prompt_ids: list[int]) -> None:
-    assert not engine._llm.llm_engine.has_unfinished_requests()
-    texts = engine.generate(prompt_ids, stop_token_ids=STOP_IDS, max_tokens=3, temperature=0)
+    assert not engine.llm.llm_engine.has_unfinished_requests()
+    assert not engine.busy
+    texts = _generate(engine, prompt_ids, max_tokens=3, temperature=0)
     assert len(texts) == 1 and texts[0]
 
 
@@ -245,6 +322,7 @@ def test_keyboard_interrupt_from_consumer_aborts(engine: Engine, prompt_ids: lis
 def test_consumer_stopping_early_aborts(engine: Engine, prompt_ids: list[int]) -> None:
     stream = engine.stream(prompt_ids, stop_token_ids=STOP_IDS, max_tokens=400)
     next(stream)
+    assert engine.busy
     stream.close()
     _assert_idle_and_usable(engine, prompt_ids)
 
@@ -270,8 +348,9 @@ def test_sigint_mid_generation_aborts(engine: Engine, prompt_ids: list[int]) -> 
 
 
 @pytest.mark.engine
+@pytest.mark.skipif(sys.platform == "win32", reason="needs SIGALRM")
 def test_alarm_signal_mid_generation_aborts(engine: Engine, prompt_ids: list[int]) -> None:
-    def on_alarm(signum: int, frame: Any) -> None:
+    def on_alarm(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGALRM, on_alarm)
@@ -286,26 +365,115 @@ def test_alarm_signal_mid_generation_aborts(engine: Engine, prompt_ids: list[int
     _assert_idle_and_usable(engine, prompt_ids)
 
 
+# --- one request at a time ---------------------------------------------------------------------
+
+
 @pytest.mark.engine
-def test_shutdown_is_final_and_idempotent(tiny_model: Path) -> None:
+def test_a_second_stream_is_refused_while_the_first_runs(
+    engine: Engine, prompt_ids: list[int]
+) -> None:
+    greedy = {"stop_token_ids": STOP_IDS, "max_tokens": 10, "temperature": 0, "ignore_eos": True}
+    (expected,) = _join(engine.stream(prompt_ids, **greedy))
+
+    first = engine.stream(prompt_ids, **greedy)
+    pieces = [next(first).text]
+    assert engine.busy
+    second = engine.stream(prompt_ids, **greedy)
+    started = time.perf_counter()
+    with pytest.raises(BackendBusy, match="still generating another reply"):
+        next(second)  # refused before it yields anything, without stepping the engine
+    assert time.perf_counter() - started < 0.5
+    pieces += [delta.text for delta in first]  # the first request is untouched
+    assert "".join(pieces) == expected
+
+    assert not engine.busy
+    assert _join(engine.stream(prompt_ids, **greedy)) == [expected]
+
+
+@pytest.mark.engine
+def test_closing_a_stream_before_it_starts_frees_the_engine(
+    engine: Engine, prompt_ids: list[int]
+) -> None:
+    stream = engine.stream(prompt_ids, stop_token_ids=STOP_IDS, max_tokens=3)
+    stream.close()  # never started: it never took the engine
+    assert not engine.busy
+    _assert_idle_and_usable(engine, prompt_ids)
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+
+@pytest.mark.engine
+def test_unknown_extra_is_refused_once_vllm_is_imported(engine: Engine, tiny_model: Path) -> None:
+    check_options(str(tiny_model), extra={"max_num_seqs": 4})  # a real vLLM 0.32 argument
+    with pytest.raises(EngineError, match="no argument 'swap_spce'") as caught:
+        check_options(str(tiny_model), extra={"swap_spce": 4})
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.engine
+@pytest.mark.slow
+def test_verbose_on_a_later_load_shows_vllms_logs(engine: Engine, tiny_model: Path) -> None:
+    """The module's engine loaded quietly; a verbose load must still show vLLM's INFO lines.
+
+    vLLM fixes its handler's level from the environment at its first import, so without
+    resetting the handler a later ``--verbose`` would show nothing.
+    """
+    # vLLM's own handler (pytest may add its capture handlers, subclasses, beside it)
+    handlers = [
+        handler
+        for handler in logging.getLogger("vllm").handlers
+        if type(handler) is logging.StreamHandler
+    ]
+    assert handlers, "vLLM's own log handler is missing"
+
+    def load(verbose: bool) -> str:
+        shown = io.StringIO()
+        streams = [handler.stream for handler in handlers]
+        for handler in handlers:
+            handler.setStream(shown)
+        try:
+            options = EngineOptions(model=str(tiny_model), max_model_len=512, kv_cache_gib=0.25)
+            Engine(options, verbose=verbose).close()
+        finally:
+            for handler, stream in zip(handlers, streams, strict=True):
+                handler.setStream(stream)
+        return shown.getvalue()
+
+    loud = load(verbose=True)
+    assert " INFO " in loud, loud[-2000:]
+    quiet = load(verbose=False)
+    assert " INFO " not in quiet and " WARNING " not in quiet, quiet[-2000:]
+
+
+@pytest.mark.engine
+def test_shutdown_is_final_and_idempotent(tiny_model: Path, prompt_ids: list[int]) -> None:
     engine = Engine(EngineOptions(model=str(tiny_model), max_model_len=512, kv_cache_gib=0.25))
-    engine.shutdown()
-    engine.shutdown()
-    assert engine.closed
+    suspended = engine.stream(prompt_ids, stop_token_ids=STOP_IDS, max_tokens=50)
+    next(suspended)
+    assert Engine.shutdown is Engine.close
+    engine.shutdown()  # while a stream waits: it must not step a closed engine
+    engine.close()
+    assert engine.closed and engine.status() == {}
+    assert "closed" in repr(engine)
     with pytest.raises(EngineError, match="load the model again"):
-        engine.generate([1, 2, 3], stop_token_ids=STOP_IDS)
+        next(suspended)
+    assert not engine.busy
+    with pytest.raises(EngineError, match="load the model again"):
+        next(engine.stream([1, 2, 3], stop_token_ids=STOP_IDS))
     gc.collect()
 
 
 RELOAD_SCRIPT = textwrap.dedent(
     """
     import gc, json, sys
-    from qwen_magic.engine import Engine, EngineOptions
+    from qwen_magic.backends.vllm_local import Engine, EngineOptions
 
     def cycle():
         engine = Engine(EngineOptions(model=sys.argv[1], max_model_len=1024, kv_cache_gib=1.0))
-        engine.generate([9707, 11, 1879], stop_token_ids=[151645], max_tokens=4)
-        engine.shutdown()
+        for _ in engine.stream([9707, 11, 1879], stop_token_ids=[151645], max_tokens=4):
+            pass
+        engine.close()
         gc.collect()
         tokenizers = sum("Tokenizer" in type(value).__name__ for value in gc.get_objects())
         return engine.memory()["total_rss"], tokenizers
@@ -322,7 +490,7 @@ def test_reload_does_not_grow_memory(tiny_model: Path) -> None:
 
     An engine that survived its unload would keep its 1 GiB KV cache. vLLM's own caches used to
     keep the deep copies of the tokenizer each engine makes (+145 MB per cycle on the dev
-    machine); ``Engine.shutdown`` empties them. What remains is about 5 MB per cycle of native
+    machine); ``Engine.close`` empties them. What remains is about 5 MB per cycle of native
     memory (no Python object), hence the 40 MB bound.
     """
     result = subprocess.run(

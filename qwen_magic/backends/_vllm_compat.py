@@ -96,6 +96,46 @@ def interrupts_between_steps() -> Iterator[None]:
         raise KeyboardInterrupt
 
 
+class DeferredInterrupts:
+    """SIGINT held back while the engine steps, for as long as a request streams.
+
+    Installed once per request rather than once per step: swapping handlers around every step
+    cost measurable time per token. Outside a step (while the consumer handles a delta, or if
+    the consumer abandons the stream) it interrupts at once, as Python's default handler does.
+    Only from the main thread and only over Python's default handler: a handler somebody else
+    installed is left alone.
+    """
+
+    def __init__(self) -> None:
+        self.stepping = False
+        self.pending = False
+        self.installed = False
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            signal.signal(signal.SIGINT, self._handle)
+            self.installed = True
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.stepping:
+            self.pending = True
+        else:
+            raise KeyboardInterrupt
+
+    def raise_pending(self) -> None:
+        """Raise the interrupt that arrived during the last step, if one did."""
+        if self.pending:
+            self.pending = False
+            raise KeyboardInterrupt
+
+    def uninstall(self) -> None:
+        if self.installed and signal.getsignal(signal.SIGINT) == self._handle:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        self.installed = False
+
+
 # Module-level lru_caches in vLLM (0.26 to 0.33) that keep an unloaded engine's objects alive.
 # `_supports_kw` is keyed on methods of a tokenizer class that vLLM creates per engine; their
 # closures hold deep copies of the tokenizer, about 145 MB for Qwen's vocabulary, so every
@@ -113,6 +153,18 @@ def clear_vllm_caches() -> None:
         cache = getattr(sys.modules.get(module_name), cache_name, None)
         if hasattr(cache, "cache_clear"):
             cache.cache_clear()
+
+
+def release_compiled_graphs() -> None:
+    """Drop torch.compile's caches: the graphs vLLM compiled keep the model's weights alive.
+
+    Without this, a load that failed after compiling (or an unloaded engine that compiled) left
+    its weights on the GPU. Functions the user compiled recompile on their next call.
+    """
+    dynamo = sys.modules.get("torch._dynamo")
+    if dynamo is not None:
+        with contextlib.suppress(Exception):
+            dynamo.reset()
 
 
 def set_log_level(verbose: bool) -> None:

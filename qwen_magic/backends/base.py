@@ -13,7 +13,7 @@ from __future__ import annotations
 import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 __all__ = ["Backend", "BackendBusy", "BackendError", "BackendInfo", "Delta", "forget_exception"]
 
@@ -26,9 +26,8 @@ class BackendBusy(BackendError):
     """The backend is already generating a reply and takes one request at a time."""
 
 
-@dataclass(frozen=True)
-class Delta:
-    """New text of one sample since the previous delta.
+class Delta(NamedTuple):
+    """New text of one sample since the previous delta (a tuple: cheap to make per token).
 
     Attributes:
         index: Which sample (0..n-1) the text belongs to.

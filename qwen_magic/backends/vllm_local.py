@@ -109,6 +109,7 @@ class Engine:
             else:
                 failure = type(error)(*error.args)
         # Out of the except block, no traceback references the half-built engine any more.
+        compat.release_compiled_graphs()
         gc.collect()
         self._empty_device_cache()
         raise failure from None
@@ -222,6 +223,11 @@ class Engine:
             )
         try:
             yield from self._run(prompt_token_ids, params)
+        except BaseException as error:
+            # An interrupt from a signal handler (or a vLLM error) raised inside step() has vLLM's
+            # frames in its traceback; IPython keeps it, and they would keep the engine alive.
+            forget_exception(error)
+            raise
         finally:
             self._busy.release()
 
@@ -231,12 +237,18 @@ class Engine:
         request_id = f"qwen-magic-{uuid.uuid4().hex}"
         prompt = compat.engine_prompt(self._llm.llm_engine, prompt_token_ids)
         self._llm.llm_engine.add_request(request_id, prompt, params)
+        guard = compat.DeferredInterrupts()
+        guard.install()
         done = False
         try:
             while not done:
-                with compat.interrupts_between_steps():
-                    outputs = self._llm.llm_engine.step()
-                if not outputs and not self._llm.llm_engine.has_unfinished_requests():
+                guard.stepping = True
+                try:
+                    outputs = self._require_llm().llm_engine.step()  # closed: a clear error
+                finally:
+                    guard.stepping = False
+                guard.raise_pending()
+                if not outputs and not self._require_llm().llm_engine.has_unfinished_requests():
                     break
                 for output in outputs:
                     done = done or bool(output.finished)
@@ -254,6 +266,7 @@ class Engine:
                             )
                 del outputs
         finally:
+            guard.uninstall()
             if not done and self._llm is not None:
                 self._abort(request_id)
 
@@ -328,6 +341,8 @@ class Engine:
                 engine_core.shutdown()
         del llm, engine_core
         compat.clear_vllm_caches()
+        if self.device == "cuda":
+            compat.release_compiled_graphs()
         gc.collect()
         self._empty_device_cache()
         if sys.platform.startswith("linux"):  # hand freed heap pages back to the OS
