@@ -77,7 +77,7 @@ class Recorded:
     set_aside: int = 0
 
 
-_Snapshot = tuple[str | None, tuple[Turn, ...]]
+_Snapshot = tuple[str | None, bool, tuple[Turn, ...]]
 
 
 class Conversation:
@@ -87,12 +87,18 @@ class Conversation:
         system: The system prompt; None means the model template's default (Qwen2.5 inserts
             "You are Qwen, ..."; Qwen3 inserts none).
         turns: Initial turns.
+        owns_system: The system prompt was given to this conversation (``-s``, an import), as
+            opposed to following a session-wide default; undo restores this flag too.
     """
 
-    def __init__(self, system: str | None = None, turns: Iterable[Turn] = ()) -> None:
+    def __init__(
+        self, system: str | None = None, turns: Iterable[Turn] = (), *, owns_system: bool = False
+    ) -> None:
         self.system = system
+        self.owns_system = owns_system
         self.turns: list[Turn] = list(turns)
         self._undo: deque[_Snapshot] = deque(maxlen=UNDO_DEPTH)
+        self._changes = 0  # made and not undone; unlike len(self._undo), never capped
 
     def __repr__(self) -> str:
         return f"Conversation(system={self.system!r}, turns={len(self.turns)})"
@@ -128,18 +134,23 @@ class Conversation:
 
     @property
     def undo_depth(self) -> int:
-        """How many changes :meth:`undo` can take back."""
-        return len(self._undo)
+        """A mark for :meth:`rollback`: how many changes were made and not undone.
+
+        It keeps counting past the :data:`UNDO_DEPTH` snapshots that :meth:`undo` keeps, so a
+        rollback late in a long session still takes back exactly the changes since the mark.
+        """
+        return self._changes
 
     def rollback(self, depth: int) -> None:
         """Undo every change made since :attr:`undo_depth` was ``depth`` (a failed request)."""
-        while len(self._undo) > depth:
-            self.undo()
+        while self._changes > depth and self.undo():
+            pass
 
     # ------------------------------------------------------------------ changing (undoable)
 
     def _remember(self) -> None:
-        self._undo.append((self.system, tuple(self.turns)))
+        self._undo.append((self.system, self.owns_system, tuple(self.turns)))
+        self._changes += 1
 
     def record(
         self, message: str, reply: str, *, key: str | None = None, interrupted: bool = False
@@ -163,24 +174,27 @@ class Conversation:
             self.turns.clear()
         return removed
 
-    def set_system(self, system: str | None) -> None:
-        """Change the system prompt. Undoable."""
-        if system != self.system:
+    def set_system(self, system: str | None, *, own: bool = True) -> None:
+        """Change the system prompt (``own``: given to this conversation). Undoable."""
+        if system != self.system or own != self.owns_system:
             self._remember()
             self.system = system
+            self.owns_system = own
 
     def replace(self, other: Conversation) -> None:
         """Take ``other``'s system prompt and turns (an import). Undoable."""
         self._remember()
         self.system = other.system
+        self.owns_system = True
         self.turns = list(other.turns)
 
     def undo(self) -> bool:
         """Bring back the state before the last change; False when there is nothing to undo."""
         if not self._undo:
             return False
-        self.system, turns = self._undo.pop()
+        self.system, self.owns_system, turns = self._undo.pop()
         self.turns = list(turns)
+        self._changes -= 1
         return True
 
     # ------------------------------------------------------------------ export and import
@@ -206,7 +220,7 @@ class Conversation:
                 f"this export has format version {version}; upgrade qwen-magic to read it"
             )
         system = data.get("system")
-        if system is not None and not isinstance(system, str):
+        if system is not None and not _is_text(system):
             raise ValueError(f"the export's system prompt must be text or null, got {system!r}")
         items = data.get("turns")
         if not isinstance(items, list):
@@ -262,18 +276,32 @@ class Conversation:
         path = Path(path).expanduser()
         if path.suffix.lower() != ".json":
             raise ValueError(f"cannot import {path.name}: only .json exports can be read back")
-        size = path.stat().st_size
-        if size > MAX_IMPORT_BYTES:
-            raise ValueError(
-                f"{path.name} is {size / 1024**2:.0f} MB, more than an export can be "
-                f"({MAX_IMPORT_BYTES // 1024**2} MB)"
-            )
+        too_big = ValueError(
+            f"{path.name} is more than {MAX_IMPORT_BYTES:,} bytes, too big for an export"
+        )
+        if path.stat().st_size > MAX_IMPORT_BYTES:
+            raise too_big
+        with path.open("rb") as handle:  # bounded even where the size was not known (a pipe)
+            data = handle.read(MAX_IMPORT_BYTES + 1)
+        if len(data) > MAX_IMPORT_BYTES:
+            raise too_big
         try:
-            return cls.from_json(path.read_text(encoding="utf-8"))
+            return cls.from_json(data.decode("utf-8"))
         except UnicodeDecodeError:
             raise ValueError(f"{path.name} is not UTF-8 text: is it an export?") from None
         except ValueError as error:
             raise ValueError(f"{path.name}: {error}") from None
+
+
+def _is_text(value: Any) -> bool:
+    """A str that UTF-8 can hold: JSON may carry a lone surrogate, which no tokenizer takes."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _turn_from(item: Any, number: int) -> Turn:
@@ -281,10 +309,10 @@ def _turn_from(item: Any, number: int) -> Turn:
     if not isinstance(item, dict):
         raise ValueError(f"turn {number} of the export is not an object")
     for name in ("user", "assistant"):
-        if not isinstance(item.get(name), str):
+        if not _is_text(item.get(name)):
             raise ValueError(f"turn {number} of the export needs '{name}' text")
     key, interrupted = item.get("key"), item.get("interrupted", False)
-    if key is not None and not isinstance(key, str):
+    if key is not None and not _is_text(key):
         raise ValueError(f"turn {number} of the export has a key that is not text: {key!r}")
     if not isinstance(interrupted, bool):
         raise ValueError(f"turn {number}'s 'interrupted' must be true or false")

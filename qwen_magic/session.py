@@ -64,7 +64,6 @@ class ChatSession(_SamplingDefaults):  # type: ignore[misc, valid-type]
         self.bot: QwenChat | None = None
         self.loaded_request: tuple[Any, ...] | None = None
         self.conversations: dict[str, Conversation] = {}
-        self._own_system: set[str] = set()
         self._request_lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -88,8 +87,8 @@ class ChatSession(_SamplingDefaults):  # type: ignore[misc, valid-type]
 
     @observe("system")
     def _on_system_change(self, change: Any) -> None:
-        for name, conversation in self.conversations.items():
-            if name not in self._own_system:
+        for conversation in self.conversations.values():
+            if not conversation.owns_system:  # following the default is not a change to undo
                 conversation.system = change["new"]
         self.changed()
 
@@ -108,18 +107,16 @@ class ChatSession(_SamplingDefaults):  # type: ignore[misc, valid-type]
 
     def owns_system(self, name: str | None = None) -> bool:
         """Whether the conversation has its own system prompt (else it follows the default)."""
-        return (name or DEFAULT_CONVERSATION) in self._own_system
+        return self.conversation(name).owns_system
 
     def set_system(self, name: str | None, system: str | None) -> None:
         """Give a conversation its own system prompt (undoable), or None to follow the default."""
-        name = name or DEFAULT_CONVERSATION
-        conversation = self.conversation(name)
-        if system is None:
-            self._own_system.discard(name)
-            conversation.set_system(self.system)
-        else:
-            self._own_system.add(name)
-            conversation.set_system(system)
+        with self._exclusive():
+            conversation = self.conversation(name)
+            if system is None:
+                conversation.set_system(self.system, own=False)
+            else:
+                conversation.set_system(system)
         self.changed()
 
     def clear(self, name: str | None = None) -> int:
@@ -132,7 +129,10 @@ class ChatSession(_SamplingDefaults):  # type: ignore[misc, valid-type]
     def undo(self, name: str | None = None) -> bool:
         """Undo the last change to a conversation; False when there is nothing to undo."""
         with self._exclusive():
-            undone = self.conversation(name).undo()
+            conversation = self.conversation(name)
+            undone = conversation.undo()
+            if not conversation.owns_system:  # it follows today's default, not an old one
+                conversation.system = self.system
         self.changed()
         return undone
 
@@ -157,7 +157,6 @@ class ChatSession(_SamplingDefaults):  # type: ignore[misc, valid-type]
                     "(undo brings them back), or import into another conversation"
                 )
             conversation.replace(imported)
-            self._own_system.add(name)
         self.changed()
         return len(imported)
 
@@ -189,7 +188,7 @@ class ChatSession(_SamplingDefaults):  # type: ignore[misc, valid-type]
         if self.bot is not None and request == self.loaded_request and not reload:
             return False
         with self._exclusive():
-            self.unload()  # free the old engine before the new one takes memory
+            self._unload()  # free the old engine before the new one takes memory
             from qwen_magic.chat import QwenChat
 
             self.bot = QwenChat(path, progress=progress, verbose=verbose, **options)
@@ -198,7 +197,15 @@ class ChatSession(_SamplingDefaults):  # type: ignore[misc, valid-type]
         return True
 
     def unload(self) -> str | None:
-        """Free the model and its memory (the conversations stay); returns its name."""
+        """Free the model and its memory (the conversations stay); returns its name.
+
+        Raises:
+            SessionBusy: A reply is being generated (stop it first).
+        """
+        with self._exclusive():
+            return self._unload()
+
+    def _unload(self) -> str | None:
         bot, self.bot, self.loaded_request = self.bot, None, None
         if bot is None:
             return None
@@ -256,18 +263,16 @@ class ChatSession(_SamplingDefaults):  # type: ignore[misc, valid-type]
             SessionBusy: Another reply is being generated.
             BackendError, ValueError, TypeError: A mistake; the conversation is as it was.
         """
-        bot = self.require_bot()
         name = name or DEFAULT_CONVERSATION
         values = {**self.sampling_defaults(), **validate_sampling(sampling)}
         with self._exclusive():
+            bot = self.require_bot()
             conversation = self.conversation(name)
-            owned = name in self._own_system
             depth = conversation.undo_depth
             try:
                 if new:
                     conversation.clear()
                 if system is not None:
-                    self._own_system.add(name)
                     conversation.set_system(system)
                 return bot.reply(
                     conversation,
@@ -281,8 +286,6 @@ class ChatSession(_SamplingDefaults):  # type: ignore[misc, valid-type]
                 )
             except Exception:
                 conversation.rollback(depth)
-                if not owned:
-                    self._own_system.discard(name)
                 raise
             finally:
                 self.changed()
@@ -296,7 +299,6 @@ class ChatSession(_SamplingDefaults):  # type: ignore[misc, valid-type]
         **sampling: Any,
     ) -> Reply:
         """Continue ``text`` as plain text (no ChatML, no conversation)."""
-        bot = self.require_bot()
         values = {**self.sampling_defaults(), **validate_sampling(sampling)}
         with self._exclusive():
-            return bot.complete(text, n=n, on_delta=on_delta, **values)
+            return self.require_bot().complete(text, n=n, on_delta=on_delta, **values)

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from jupyter_client import KernelClient, KernelManager
 
-from qwen_magic.display import INTERRUPTED
+from qwen_magic.render import INTERRUPTED
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 

@@ -24,9 +24,11 @@ from IPython.core.interactiveshell import InteractiveShell
 from IPython.testing.globalipapp import start_ipython
 from IPython.utils.capture import capture_output
 
-from qwen_magic import display
-from qwen_magic.history import Conversation, Turn
-from qwen_magic.magics import SAMPLING_NAMES, QwenMagics, check_sampling
+from qwen_magic import render
+from qwen_magic.conversation import Conversation, Turn
+from qwen_magic.jupyter import output
+from qwen_magic.jupyter.magics import QwenMagics
+from qwen_magic.sampling import SAMPLING_SETTINGS
 
 SAMPLING_FLAGS = {
     "temperature": ("-t 0.5", 0.5),
@@ -53,16 +55,16 @@ def ip() -> InteractiveShell:
 def magics(ip: InteractiveShell) -> QwenMagics:
     ip.config.pop("QwenMagics", None)  # %config keeps values (even refused ones) there
     magics = ip.magics_manager.registry["QwenMagics"]
-    magics.conversations.clear()
-    magics._own_system.clear()
-    for name in (*SAMPLING_NAMES, "system"):
+    magics.session.conversations.clear()
+    for name in (*SAMPLING_SETTINGS, "system"):
         setattr(magics, name, None)
+    magics.engine_options = {}
     magics.display_mode = "terminal"
     return magics
 
 
 def history_state(magics: QwenMagics) -> list[tuple[str | None, list[tuple[str, str]]]]:
-    return [(c.system, c.pairs()) for c in magics.conversations.values()]
+    return [(c.system, c.pairs()) for c in magics.session.conversations.values()]
 
 
 # ---------------------------------------------------------------- extension and config
@@ -128,19 +130,12 @@ def test_reload_ext_survives_a_refused_config(ip: InteractiveShell) -> None:
         ip.run_line_magic("reload_ext", "qwen_magic")
     magics = ip.magics_manager.registry["QwenMagics"]
     assert magics.top_p is None and magics.top_k == 5
-    assert magics.conversation().system == "Be brief."
+    assert magics.session.conversation().system == "Be brief."
 
 
 def test_config_sets_default(ip: InteractiveShell, magics: QwenMagics) -> None:
     ip.run_line_magic("config", "QwenMagics.temperature = 0.3")
-    assert magics.sampling_config() == {"temperature": 0.3}
-
-
-def test_check_sampling_table() -> None:
-    check_sampling("top_k", -1)
-    check_sampling("temperature", 0)
-    with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\], got 0"):
-        check_sampling("top_p", 0)
+    assert magics.session.sampling_defaults() == {"temperature": 0.3}
 
 
 # ---------------------------------------------------------------- mistakes before a model
@@ -163,7 +158,7 @@ def test_check_sampling_table() -> None:
 def test_user_mistakes_are_one_line(
     ip: InteractiveShell, magics: QwenMagics, line: str, cell: str, match: str
 ) -> None:
-    magics.conversation().record("kept", "intact")
+    magics.session.conversation().record("kept", "intact")
     before = history_state(magics)
     with pytest.raises(UsageError, match=match):
         ip.run_cell_magic("qwen", line, cell)
@@ -178,7 +173,7 @@ def test_line_magic_needs_a_command(ip: InteractiveShell, magics: QwenMagics) ->
 def test_missing_model_path(ip: InteractiveShell, magics: QwenMagics) -> None:
     with pytest.raises(UsageError, match="no model folder at /no/such/model: pass a local folder"):
         ip.run_line_magic("qwen_load", "/no/such/model")
-    assert magics.chat is None
+    assert magics.session.bot is None
 
 
 # ---------------------------------------------------------------- history commands
@@ -187,24 +182,24 @@ def test_missing_model_path(ip: InteractiveShell, magics: QwenMagics) -> None:
 def test_history_clear_undo_export_import(
     ip: InteractiveShell, magics: QwenMagics, tmp_path: Path, capsys: Any
 ) -> None:
-    work = magics.conversation("work")
+    work = magics.session.conversation("work")
     work.record("q1", "a1")
     work.record("q2", "a2", interrupted=True)
     ip.run_line_magic("qwen", "history --chat work")
     out = capsys.readouterr().out
-    assert "q1" in out and "a2" in out and display.INTERRUPTED in out
+    assert "q1" in out and "a2" in out and render.INTERRUPTED in out
 
     ip.run_line_magic("qwen", f"export {tmp_path / 'work.json'} --chat work")
     ip.run_line_magic("qwen", f"export {tmp_path / 'work.md'} --chat work")
-    assert "## Turn 2" in (tmp_path / "work.md").read_text()
+    assert "**2. Assistant**" in (tmp_path / "work.md").read_text()
     ip.run_line_magic("qwen", "undo --chat work")
     assert work.pairs() == [("q1", "a1")]
     ip.run_line_magic("qwen", "clear --chat work")
-    assert len(work) == 0 and len(magics.conversation()) == 0
+    assert len(work) == 0 and len(magics.session.conversation()) == 0
 
     ip.run_line_magic("qwen", f"import {tmp_path / 'work.json'} --chat other")
-    assert magics.conversation("other").pairs() == [("q1", "a1"), ("q2", "a2")]
-    assert magics.conversation("other").turns[1].interrupted
+    assert magics.session.conversation("other").pairs() == [("q1", "a1"), ("q2", "a2")]
+    assert magics.session.conversation("other").turns[1].interrupted
     with pytest.raises(UsageError, match="no file"):
         ip.run_line_magic("qwen", f"import {tmp_path / 'missing.json'}")
     (tmp_path / "bad.json").write_text("{not json")
@@ -212,17 +207,133 @@ def test_history_clear_undo_export_import(
         ip.run_line_magic("qwen", f"import {tmp_path / 'bad.json'}")
     with pytest.raises(UsageError, match=r"use a \.json or \.md"):
         ip.run_line_magic("qwen", f"export {tmp_path / 'x.txt'}")
-    assert magics.conversation("other").pairs() == [("q1", "a1"), ("q2", "a2")]
+    assert magics.session.conversation("other").pairs() == [("q1", "a1"), ("q2", "a2")]
 
 
 def test_config_system_follows_unless_set_with_flag(magics: QwenMagics) -> None:
-    plain = magics.conversation()
-    own = magics.conversation("own")
-    magics._own_system.add("own")
-    own.system = "mine"
+    plain = magics.session.conversation()
+    own = magics.session.conversation("own")
+    magics.session.set_system("own", "mine")
     magics.system = "Be brief."
     assert plain.system == "Be brief." and own.system == "mine"
-    assert magics.conversation("later").system == "Be brief."
+    assert magics.session.conversation("later").system == "Be brief."
+
+
+def test_reload_ext_keeps_the_conversations(ip: InteractiveShell, magics: QwenMagics) -> None:
+    magics.session.conversation().record("kept", "across reloads")
+    magics.session.set_system("own", "Mine.")
+    ip.run_line_magic("reload_ext", "qwen_magic")
+    session = ip.magics_manager.registry["QwenMagics"].session
+    assert session is magics.session
+    assert session.conversation().pairs() == [("kept", "across reloads")]
+    assert session.conversation("own").system == "Mine." and session.owns_system("own")
+    ip.run_line_magic("unload_ext", "qwen_magic")
+    ip.run_line_magic("load_ext", "qwen_magic")
+    assert ip.magics_manager.registry["QwenMagics"].session.conversation().pairs() == [
+        ("kept", "across reloads")
+    ]
+
+
+def test_clear_and_import_can_be_undone(
+    ip: InteractiveShell, magics: QwenMagics, tmp_path: Path
+) -> None:
+    conversation = magics.session.conversation()
+    conversation.record("q1", "a1")
+    conversation.record("q2", "a2")
+    ip.run_line_magic("qwen", "clear")
+    assert len(conversation) == 0
+    ip.run_line_magic("qwen", "undo")
+    assert conversation.pairs() == [("q1", "a1"), ("q2", "a2")]
+
+    other = Conversation(system="Imported.", turns=[Turn("x", "y")])
+    other.save(tmp_path / "other.json")
+    with pytest.raises(UsageError, match="has 2 turn\\(s\\): add --replace"):
+        ip.run_line_magic("qwen", f"import {tmp_path / 'other.json'}")
+    assert conversation.pairs() == [("q1", "a1"), ("q2", "a2")]
+    ip.run_line_magic("qwen", f"import {tmp_path / 'other.json'} --replace")
+    assert conversation.pairs() == [("x", "y")] and conversation.system == "Imported."
+    ip.run_line_magic("qwen", "undo")
+    assert conversation.pairs() == [("q1", "a1"), ("q2", "a2")] and conversation.system is None
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        ('{"format": "qwen-magic-conversation", "version": "2", "turns": []}', "version"),
+        ('{"format": "qwen-magic-conversation", "version": null, "turns": []}', "version"),
+        ('{"format": "qwen-magic-conversation", "version": 1}', "no list of turns"),
+        ('{"format": "qwen-magic-conversation", "version": 1, "turns": {}}', "no list of turns"),
+        ('{"format": "qwen-magic-conversation", "version": 1, "turns": [{"assistant": "a"}]}',
+         "needs 'user' text"),
+        ('{"format": "qwen-magic-conversation", "version": 1, "turns": [{"user": 1, '
+         '"assistant": null}]}', "needs 'user' text"),
+        ("[" * 100_000, "nested too deeply|not valid JSON"),
+    ],
+)  # fmt: skip
+def test_malformed_imports_are_one_line_and_change_nothing(
+    ip: InteractiveShell, magics: QwenMagics, tmp_path: Path, content: str, match: str
+) -> None:
+    magics.session.conversation("target").record("kept", "intact")
+    path = tmp_path / "bad.json"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(UsageError, match=match) as caught:
+        ip.run_line_magic("qwen", f"import {path} --chat target --replace")
+    assert "\n" not in str(caught.value)
+    assert magics.session.conversation("target").pairs() == [("kept", "intact")]
+
+
+def test_export_refuses_to_overwrite_without_force(
+    ip: InteractiveShell, magics: QwenMagics, tmp_path: Path
+) -> None:
+    magics.session.conversation().record("q", "a")
+    target = tmp_path / "chat.json"
+    target.write_text("precious", encoding="utf-8")
+    with pytest.raises(UsageError, match="exists: pick another name or overwrite it with --force"):
+        ip.run_line_magic("qwen", f"export {target}")
+    assert target.read_text(encoding="utf-8") == "precious"
+    ip.run_line_magic("qwen", f"export {target} --force")
+    assert Conversation.load(target).pairs() == [("q", "a")]
+    with pytest.raises(UsageError, match="no folder"):
+        ip.run_line_magic("qwen", f"export {tmp_path / 'missing' / 'chat.json'}")
+    assert not (tmp_path / "missing").exists()
+
+
+@pytest.mark.parametrize(
+    ("line", "cell", "match"),
+    [
+        ("history -t 1", None, "unrecognized arguments: -t 1"),
+        ("clear -n 3", None, "unrecognized arguments: -n 3"),
+        ("undo --raw", None, "unrecognized arguments: --raw"),
+        ("history extra.json", None, "unrecognized arguments: extra.json"),
+        ("import", None, "PATH"),
+        ("export a.json --replace", None, "unrecognized arguments: --replace"),
+        ("bogus", None, "invalid choice"),
+        ("--raw -s X", "hello", "--raw continues plain text without a conversation: drop -s"),
+        ("--raw --new --no-history", "hello", "drop --new, --no-history"),
+        ("--raw --chat c", "hello", "drop --chat"),
+        ('-s "unclosed', "hello", "check the quotes"),
+    ],
+)
+def test_options_that_do_not_apply_are_refused(
+    ip: InteractiveShell, magics: QwenMagics, line: str, cell: str | None, match: str
+) -> None:
+    magics.session.conversation().record("kept", "intact")
+    before = history_state(magics)
+    with pytest.raises(UsageError, match=match):
+        if cell is None:
+            ip.run_line_magic("qwen", line)
+        else:
+            ip.run_cell_magic("qwen", line, cell)
+    assert history_state(magics) == before
+
+
+def test_quoting_is_shell_quoting(ip: InteractiveShell, magics: QwenMagics) -> None:
+    from qwen_magic.jupyter.magics import parse
+
+    args = parse(magics.qwen.parser, '--chat "my chat" -s \'He said "hi"\'')
+    assert args.chat == "my chat" and args.system == 'He said "hi"'
+    ip.run_line_magic("qwen", 'clear --chat "my chat"')
+    assert "my chat" in magics.session.conversations
 
 
 # ---------------------------------------------------------------- pure display logic
@@ -231,19 +342,19 @@ def test_config_system_follows_unless_set_with_flag(magics: QwenMagics) -> None:
 def test_stream_is_throttled_by_time_with_a_final_update() -> None:
     now = [0.0]
     published: list[dict[str, Any]] = []
-    stream = display.ReplyStream(1, notebook=True, clock=lambda: now[0])
+    stream = output.ReplyStream(1, notebook=True, clock=lambda: now[0])
     stream.output.set = published.append  # type: ignore[method-assign]
     for _ in range(100):  # 100 deltas in 1 s of fake time: at most 20 updates
         stream.on_delta(0, "x")
         now[0] += 0.01
     assert 15 <= stream.updates <= 21
     stream.finish(interrupted=True)
-    assert published[-1]["text/markdown"] == "x" * 100 + f"\n\n*{display.INTERRUPTED}*"
+    assert published[-1]["text/markdown"] == "x" * 100 + f"\n\n*{render.INTERRUPTED}*"
 
 
 def test_notebook_stream_updates_one_display(ip: InteractiveShell) -> None:
     with capture_output() as captured:
-        stream = display.ReplyStream(1, notebook=True, min_interval=0)
+        stream = output.ReplyStream(1, notebook=True, min_interval=0)
         for word in ("Hello", ", ", "world"):
             stream.on_delta(0, word)
         stream.finish()
@@ -255,33 +366,26 @@ def test_notebook_stream_updates_one_display(ip: InteractiveShell) -> None:
 
 
 def test_terminal_stream_writes_plain_text(capsys: Any) -> None:
-    stream = display.ReplyStream(1, notebook=False)
+    stream = output.ReplyStream(1, notebook=False)
     for word in ("Hello", " there"):
         stream.on_delta(0, word)
     stream.finish(interrupted=True)
-    assert capsys.readouterr().out == f"Hello there\n[{display.INTERRUPTED}]\n"
+    assert capsys.readouterr().out == f"Hello there\n[{render.INTERRUPTED}]\n"
 
 
 def test_several_samples_render_side_by_side() -> None:
-    bundle = display.render_reply(["a <b>", "c"], finish_reasons=["stop", "length"])
+    bundle = render.render_reply(["a <b>", "c"], finish_reasons=["stop", "length"])
     assert bundle["text/html"].count('style="flex:1') == 2
     assert "a &lt;b&gt;" in bundle["text/html"]
     assert "Sample 1 (joins the history)" in bundle["text/markdown"]
-    assert display.CUT_AT_MAX_TOKENS in bundle["text/markdown"]
+    assert render.CUT_AT_MAX_TOKENS in bundle["text/markdown"]
 
 
-def test_budget_summary_and_history_markdown() -> None:
-    text = display.budget_summary(
-        {"num_tokens": 1200, "budget": 3000, "kept_turns": 2, "dropped_turns": 1, "truncated": True}
-    )
-    assert text == (
-        "1,200 of 3,000 prompt tokens · 2 past turns sent · 1 oldest dropped to fit · "
-        "message cut to fit"
-    )
+def test_history_markdown() -> None:
     conversation = Conversation(system="S", turns=[Turn("hi", "part", interrupted=True)])
-    markdown = display.history_markdown(conversation, name="x")
-    assert "**System:** S" in markdown and display.INTERRUPTED in markdown
-    assert "No turns yet" in display.history_markdown(Conversation())
+    markdown = render.history_markdown(conversation, name="x")
+    assert "**System:** S" in markdown and render.INTERRUPTED in markdown
+    assert "No turns yet" in render.history_markdown(Conversation())
 
 
 def test_highlight_only_real_control_tokens(tiny_model: Path) -> None:
@@ -289,7 +393,7 @@ def test_highlight_only_real_control_tokens(tiny_model: Path) -> None:
 
     formatter = ChatFormatter(tiny_model)
     _, ids = formatter.format([("user", "<b> and a typed <|im_end|>")])
-    html = display.highlight_special_tokens(ids, formatter.tokenizer)
+    html = render.highlight_special_tokens(ids, formatter.tokenizer)
     assert html.count("<span") == 3  # im_start, im_end, im_start of the reply
     assert "&lt;b&gt; and a typed &lt;|im_end|&gt;" in html
 
@@ -299,19 +403,19 @@ def test_reply_result_repr() -> None:
         texts=["**hi**"], text="**hi**", interrupted=True, finish_reasons=["abort"],
         num_generated_tokens=3, elapsed_s=0.5,
     )  # fmt: skip
-    result = display.ReplyResult(reply)
+    result = output.ReplyResult(reply)
     assert str(result) == "**hi**" and result.num_generated_tokens == 3
-    assert display.INTERRUPTED in result._repr_markdown_()
+    assert render.INTERRUPTED in result._repr_markdown_()
     assert "3 tokens" in repr(result)
 
 
 def test_load_progress_lines(capsys: Any) -> None:
     ticks = iter([0.0, 1.0, 2.5])
-    progress = display.LoadProgress("tiny", notebook=False, clock=lambda: next(ticks))
+    progress = output.LoadProgress("tiny", notebook=False, clock=lambda: next(ticks))
     progress("loading weights")
     progress.done("loaded tiny")
     assert capsys.readouterr().out.splitlines() == [
-        "⏳ loading tiny: loading weights (1.0 s)",
+        "⏳ loading tiny: loading weights (1 s)",
         "✅ loaded tiny in 2.5 s",
     ]
 
@@ -336,9 +440,9 @@ def ask(ip: InteractiveShell, line: str, cell: str = "Hello") -> Any:
 def test_load_again_is_a_no_op_and_status(
     ip: InteractiveShell, loaded: QwenMagics, tiny_model: Path, capsys: Any
 ) -> None:
-    chat = loaded.chat
+    chat = loaded.session.bot
     ip.run_line_magic("qwen_load", f"{tiny_model} --max-model-len 512 --enforce-eager --seed 0")
-    assert loaded.chat is chat
+    assert loaded.session.bot is chat
     assert "already loaded" in capsys.readouterr().out
     ip.run_line_magic("qwen_status", "")
     out = capsys.readouterr().out
@@ -387,15 +491,15 @@ def test_system_new_no_history_and_chat(
     result = ask(ip, '--chat a -s "You are a pirate."', "third")
     assert "<|im_start|>system\nYou are a pirate.<|im_end|>" in result.plan.text
     assert [turn.user for turn in result.plan.turns] == ["first", "second"]
-    assert magics.conversation("a").system == "You are a pirate."
-    assert magics.conversation("b").system is None
+    assert magics.session.conversation("a").system == "You are a pirate."
+    assert magics.session.conversation("b").system is None
 
     lonely = ask(ip, "--chat a --no-history", "fourth")
     assert lonely.plan.turns == [] and "first" not in lonely.plan.text
     fresh = ask(ip, "--chat a --new", "fifth")
     assert fresh.plan.turns == []
-    assert [turn.user for turn in magics.conversation("a").turns] == ["fifth"]
-    assert len(magics.conversation("b")) == 0
+    assert [turn.user for turn in magics.session.conversation("a").turns] == ["fifth"]
+    assert len(magics.session.conversation("b")) == 0
 
 
 @pytest.mark.engine
@@ -404,7 +508,7 @@ def test_n_samples_side_by_side_first_joins_history(
 ) -> None:
     result = ask(ip, "-n 3 -t 1.5 --seed 3")
     assert len(result.texts) == 3
-    assert magics.conversation().turns[-1].assistant == result.texts[0]
+    assert magics.session.conversation().turns[-1].assistant == result.texts[0]
     assert capsys.readouterr().out.count("--- Sample") == 3
 
 
@@ -416,14 +520,14 @@ def test_output_variable_and_single_display(
     with capture_output() as captured:
         result = ask(ip, "")
     assert ip.user_ns["reply"] == result.text
-    assert isinstance(result, display.ReplyResult)
+    assert isinstance(result, output.ReplyResult)
     assert result._repr_markdown_().startswith(result.text)
     # The streamed output ends as a short note: the result is the one display of the reply.
     assert "stored in `reply`" in captured.outputs[-1].data["text/markdown"]
     with capture_output() as captured:
         assert ip.run_cell_magic("qwen", "--max-tokens 4", "Hi") is None
     final = captured.outputs[-1].data["text/markdown"]
-    assert final.startswith(magics.conversation().turns[-1].assistant)
+    assert final.startswith(magics.session.conversation().turns[-1].assistant)
 
 
 @pytest.mark.engine
@@ -445,22 +549,101 @@ def test_raw_continuation_uses_plain_text(
     ip: InteractiveShell, loaded: QwenMagics, magics: QwenMagics
 ) -> None:
     result = ask(ip, "--raw", "def fib(n):")
-    tokenizer = loaded.chat.formatter.tokenizer
+    tokenizer = loaded.session.bot.tokenizer
     assert result.prompt_token_ids == tokenizer.encode_text("def fib(n):")
     assert "<|im_start|>" not in result.prompt_text
-    assert len(magics.conversation()) == 0
+    assert len(magics.session.conversation()) == 0
 
 
 @pytest.mark.engine
-def test_rerunning_a_cell_replaces_its_turn(
-    ip: InteractiveShell, loaded: QwenMagics, magics: QwenMagics
+def test_rerunning_a_cell_replaces_its_turn_and_sets_later_ones_aside(
+    ip: InteractiveShell, loaded: QwenMagics, magics: QwenMagics, capsys: Any
 ) -> None:
     for _ in range(2):
         ip.run_cell("%%qwen --max-tokens 2\nfirst", cell_id="cell-1")
     ip.run_cell("%%qwen --max-tokens 2\nsecond", cell_id="cell-2")
+    ip.run_cell("%%qwen --max-tokens 2\nthird", cell_id="cell-3")
+    capsys.readouterr()
+    before = [(turn.user, turn.assistant) for turn in magics.session.conversation().turns]
+    assert [user for user, _ in before] == ["first", "second", "third"]
     ip.run_cell("%%qwen --max-tokens 2\nfirst again", cell_id="cell-1")
-    turns = magics.conversation().turns
-    assert [(turn.user, turn.key) for turn in turns] == [("first again", "cell-1")]
+    assert "replaced turn 1 of `default` and set aside 2 later turn(s)" in capsys.readouterr().out
+    turns = magics.session.conversation().turns
+    assert [(turn.user, turn.key) for turn in turns] == [("first again", "cell-1#1")]
+    ip.run_line_magic("qwen", "undo")
+    after = [(turn.user, turn.assistant) for turn in magics.session.conversation().turns]
+    assert after == before
+
+
+@pytest.mark.engine
+def test_interrupting_a_rerun_loses_nothing(
+    ip: InteractiveShell, loaded: QwenMagics, magics: QwenMagics
+) -> None:
+    ip.run_cell("%%qwen --max-tokens 2\nfirst", cell_id="c1")
+    ip.run_cell("%%qwen --max-tokens 2\nsecond", cell_id="c2")
+    before = list(magics.session.conversation().turns)
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    result = ip.run_cell("%%qwen --max-tokens 400 -t 1\nfirst, at length", cell_id="c1")
+    timer.join()
+    assert isinstance(result.error_in_exec, KeyboardInterrupt)
+    turns = magics.session.conversation().turns
+    assert [turn.user for turn in turns] == ["first, at length"] and turns[0].interrupted
+    ip.run_line_magic("qwen", "undo")
+    assert magics.session.conversation().turns == before
+
+
+@pytest.mark.engine
+def test_several_calls_in_one_cell_each_add_a_turn(
+    ip: InteractiveShell, loaded: QwenMagics, magics: QwenMagics
+) -> None:
+    code = (
+        "for question in ['a', 'b', 'c']:\n"
+        "    get_ipython().run_cell_magic('qwen', '--max-tokens 2', question)\n"
+    )
+    ip.run_cell(code, cell_id="loop").raise_error()
+    assert [turn.user for turn in magics.session.conversation().turns] == ["a", "b", "c"]
+    ip.run_cell(code.replace("'c'", "'d'"), cell_id="loop").raise_error()  # a re-run replaces
+    assert [turn.user for turn in magics.session.conversation().turns] == ["a", "b", "d"]
+
+
+@pytest.mark.engine
+def test_default_max_tokens_fits_a_small_context(
+    ip: InteractiveShell, loaded: QwenMagics, magics: QwenMagics
+) -> None:
+    result = ip.run_cell_magic("qwen", "-o reply", "Hello")  # no flag: loaded with 512 tokens
+    assert result.sampling["max_tokens"] == 128  # a quarter of the context
+    assert result.plan.budget == 512 - 128
+
+
+@pytest.mark.engine
+def test_magic_and_python_api_send_the_same_prompt(
+    ip: InteractiveShell, loaded: QwenMagics, magics: QwenMagics
+) -> None:
+    from_magic = ask(ip, "--no-history", "Hi").plan.token_ids
+    bot = loaded.session.bot
+    from_api = bot.reply(Conversation(), "Hi", max_tokens=1).plan.token_ids
+    assert from_magic == from_api
+
+
+@pytest.mark.engine
+@pytest.mark.parametrize(
+    "options",
+    [{"extra": {"swap_spce": 4}}, {"enforce_eager": "yes"}, {"seed": "1"}, {"kv_cache_gib": "x"}],
+)
+def test_bad_engine_options_keep_the_loaded_model(
+    ip: InteractiveShell,
+    loaded: QwenMagics,
+    magics: QwenMagics,
+    tiny_model: Path,
+    options: dict[str, Any],
+) -> None:
+    bot = loaded.session.bot
+    magics.engine_options = options
+    with pytest.raises(UsageError) as caught:
+        ip.run_line_magic("qwen_load", f"{tiny_model} --max-model-len 256")
+    assert "\n" not in str(caught.value)
+    assert loaded.session.bot is bot and not bot.engine.closed
 
 
 @pytest.mark.engine
@@ -495,7 +678,7 @@ def test_out_of_memory_is_one_line_with_a_hint(
         conversation.record(message, "half")  # even a half-done turn must be rolled back
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(loaded.chat, "reply", out_of_memory)
+    monkeypatch.setattr(loaded.session.bot, "reply", out_of_memory)
     with pytest.raises(UsageError, match="out of memory while generating: lower"):
         ask(ip, "", "hello")
     assert history_state(magics) == before
@@ -513,9 +696,9 @@ def test_interrupt_keeps_partial_reply_and_engine_usable(
         ip.run_cell_magic("qwen", "--max-tokens 400 -t 1 --seed 0", "Go on forever")
     assert time.monotonic() - started < 3.0
     timer.join()
-    assert display.INTERRUPTED in capsys.readouterr().out
+    assert render.INTERRUPTED in capsys.readouterr().out
     assert caught.value.reply.interrupted
-    turns = magics.conversation().turns
+    turns = magics.session.conversation().turns
     assert [turn.user for turn in turns] == ["before", "Go on forever"]
     assert turns[-1].interrupted and turns[-1].assistant == caught.value.reply.text
     assert len(caught.value.reply.text) > 0
@@ -530,7 +713,7 @@ def test_replace_model_then_unload_ext_free_the_engine(
     """Runs last among the engine tests: it ends with a fresh extension and no model."""
     import qwen_magic.chat
 
-    old = loaded.chat
+    old = loaded.session.bot
     seen_closed: list[bool] = []
     real_init = qwen_magic.chat.QwenChat.__init__
 
@@ -541,15 +724,48 @@ def test_replace_model_then_unload_ext_free_the_engine(
     monkeypatch.setattr(qwen_magic.chat.QwenChat, "__init__", spy_init)
     ip.run_line_magic("qwen_load", f"{tiny_model} --max-model-len 256")
     assert seen_closed == [True]
-    assert loaded.chat is not old and loaded.chat.engine.max_model_len == 256
-    new = loaded.chat
+    assert loaded.session.bot is not old and loaded.session.bot.engine.max_model_len == 256
+    new = loaded.session.bot
     ip.run_line_magic("unload_ext", "qwen_magic")
     assert new.engine.closed
     ip.run_line_magic("load_ext", "qwen_magic")
-    assert ip.magics_manager.registry["QwenMagics"].chat is None
+    assert ip.magics_manager.registry["QwenMagics"].session.bot is None
 
 
 def test_json_export_is_valid(magics: QwenMagics, tmp_path: Path, ip: InteractiveShell) -> None:
-    magics.conversation().record("ü", "ß")
+    magics.session.conversation().record("ü", "ß")
     ip.run_line_magic("qwen", f"export {tmp_path / 'c.json'}")
     assert json.loads((tmp_path / "c.json").read_text())["turns"][0]["user"] == "ü"
+
+
+@pytest.mark.engine
+def test_a_second_request_while_one_runs_is_refused_at_once(
+    loaded: QwenMagics, magics: QwenMagics
+) -> None:
+    from qwen_magic.session import SessionBusy
+
+    session = loaded.session
+    outcome: dict[str, Any] = {}
+
+    def ask_from_another_thread() -> None:
+        started = time.monotonic()
+        try:
+            session.ask(None, "me too", max_tokens=2)
+        except SessionBusy as error:
+            outcome["error"] = error
+        outcome["seconds"] = time.monotonic() - started
+
+    def on_delta(index: int, text: str) -> None:
+        if "seconds" not in outcome:
+            other = threading.Thread(target=ask_from_another_thread)
+            other.start()
+            other.join(10)
+
+    alone = session.ask(None, "Hello", max_tokens=12, temperature=0, use_history=False).text
+    session.undo()
+    reply = session.ask(
+        None, "Hello", max_tokens=12, temperature=0, use_history=False, on_delta=on_delta
+    )
+    assert isinstance(outcome.get("error"), SessionBusy) and outcome["seconds"] < 1.0
+    assert reply.text == alone  # the first reply is complete, not cut short
+    assert [turn.user for turn in session.conversation().turns] == ["Hello"]

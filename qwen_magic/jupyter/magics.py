@@ -56,20 +56,19 @@ from typing import Any
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
-from IPython.core.magic_arguments import MagicArgumentParser, argument, magic_arguments
+from IPython.core.magic_arguments import argument, magic_arguments
 from IPython.utils.process import arg_split
 from traitlets import Dict, Enum, TraitError, Unicode, link, validate
 
 from qwen_magic import render
 from qwen_magic.backends.base import BackendError, forget_exception
 from qwen_magic.backends.vllm_options import is_out_of_memory
-from qwen_magic.jupyter import output
+from qwen_magic.jupyter import commands, output
 from qwen_magic.prompt import BudgetError, MessageTooLongError
 from qwen_magic.sampling import SAMPLING_SETTINGS, SETTINGS, config_traits
 from qwen_magic.sampling import validate as validate_sampling
 from qwen_magic.session import DEFAULT_CONVERSATION, ChatSession
 
-COMMANDS = ("history", "clear", "undo", "export", "import")
 _RAW_EXCLUDES = (("system", "-s"), ("new", "--new"), ("no_history", "--no-history"),
                  ("chat", "--chat"))  # fmt: skip
 
@@ -90,28 +89,6 @@ def _sampling_flags(function: Callable[..., Any]) -> Callable[..., Any]:
             function
         )
     return function
-
-
-def _command_parser() -> MagicArgumentParser:
-    """``%qwen COMMAND``: each command takes only the options that apply to it."""
-    parser = MagicArgumentParser(prog="%qwen", description="Manage a conversation.")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, help_text in (
-        ("history", "show the conversation"),
-        ("clear", "forget its turns (undoable)"),
-        ("undo", "undo the last change to it"),
-        ("export", "write it to PATH (.json or .md)"),
-        ("import", "read a .json export into it"),
-    ):
-        command = commands.add_parser(name, help=help_text, prog=f"%qwen {name}")
-        if name in ("export", "import"):
-            command.add_argument("path", metavar="PATH")
-        command.add_argument("--chat", default=DEFAULT_CONVERSATION, metavar="NAME")
-        if name == "export":
-            command.add_argument("--force", action="store_true", help="overwrite PATH")
-        if name == "import":
-            command.add_argument("--replace", action="store_true", help="replace existing turns")
-    return parser
 
 
 # The config traits of the sampling table, on a Magics class.
@@ -152,7 +129,7 @@ class QwenMagics(_SamplingConfig):  # type: ignore[misc, valid-type]
             if getattr(self, name) is None:  # nothing configured: keep the session's value
                 setattr(self, name, getattr(self.session, name))
             self._links.append(link((self, name), (self.session, name)))
-        self._commands = _command_parser()
+        self._commands = commands.parser()
         self._cell_id: str | None = None
         self._calls_in_cell = 0
         if shell is not None:
@@ -197,13 +174,13 @@ class QwenMagics(_SamplingConfig):  # type: ignore[misc, valid-type]
 
         The session, and with it every conversation, stays on the shell for the next load.
         """
-        self.session.unload()
         for each in self._links:
             each.unlink()
         self._links.clear()
         if self.shell is not None:
             with contextlib.suppress(ValueError):  # already unregistered
                 self.shell.events.unregister("pre_run_cell", self._on_pre_run_cell)
+        self.session.unload()
 
     def _notice(self, text: str) -> None:
         output.notice(text, notebook=self.notebook)
@@ -285,7 +262,10 @@ class QwenMagics(_SamplingConfig):  # type: ignore[misc, valid-type]
     @line_magic
     def qwen_unload(self, line: str) -> None:
         """Free the engine and its memory; conversations are kept."""
-        model = self.session.unload()
+        try:
+            model = self.session.unload()
+        except BackendError as error:  # a reply is being generated (from a widget or thread)
+            raise UsageError(str(error)) from None
         self._notice("no model is loaded" if model is None else f"unloaded {Path(model).name}")
 
     @line_magic
@@ -333,10 +313,10 @@ class QwenMagics(_SamplingConfig):  # type: ignore[misc, valid-type]
                     "to chat, use %%qwen as a cell magic"
                 )
             args = parse(self._commands, line)
-            getattr(self, f"_handle_{args.command}")(args)
+            getattr(commands, f"handle_{args.command}")(self.session, args, self._notice)
             return None
         first = (line.split() or [""])[0]
-        if first in COMMANDS:
+        if first in commands.COMMANDS:
             raise UsageError(f"%%qwen takes options only: run %qwen {first} on a line of its own")
         args = parse(self.qwen.parser, line)
         return self._chat_cell(args, cell)
@@ -440,38 +420,3 @@ class QwenMagics(_SamplingConfig):  # type: ignore[misc, valid-type]
         if is_out_of_memory(error):
             return UsageError(render.OUT_OF_MEMORY.format(action="generating"))
         return error
-
-    # ------------------------------------------------------------------ %qwen COMMAND
-
-    def _handle_history(self, args: Namespace) -> None:
-        conversation = self.session.conversation(args.chat)
-        output.show(render.mime_bundle(render.history_markdown(conversation, name=args.chat)))
-
-    def _handle_clear(self, args: Namespace) -> None:
-        removed = self._session_call(self.session.clear, args.chat)
-        self._notice(f"cleared {removed} turn(s) from `{args.chat}` (%qwen undo brings them back)")
-
-    def _handle_undo(self, args: Namespace) -> None:
-        undone = self._session_call(self.session.undo, args.chat)
-        text = "undid the last change" if undone else "there is nothing to undo"
-        self._notice(f"{text} (`{args.chat}`)")
-
-    def _handle_export(self, args: Namespace) -> None:
-        path = self._session_call(self.session.export, args.chat, args.path, force=args.force)
-        self._notice(f"exported `{args.chat}` to {path}")
-
-    def _handle_import(self, args: Namespace) -> None:
-        try:
-            count = self.session.import_file(args.chat, args.path, replace=args.replace)
-        except FileNotFoundError:
-            raise UsageError(f"no file {args.path}: check the path") from None
-        except (ValueError, OSError, BackendError) as error:
-            raise UsageError(str(error)) from None
-        self._notice(f"imported {count} turn(s) into `{args.chat}` (%qwen undo takes it back)")
-
-    @staticmethod
-    def _session_call(method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        try:
-            return method(*args, **kwargs)
-        except (ValueError, OSError, BackendError) as error:
-            raise UsageError(str(error)) from None

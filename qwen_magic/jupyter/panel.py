@@ -23,6 +23,7 @@ This module never imports a backend: it reads the model through the session.
 
 from __future__ import annotations
 
+import contextlib
 import html
 import os
 import weakref
@@ -52,6 +53,7 @@ from qwen_magic.jupyter.panel_model import (
 )
 from qwen_magic.prompt import fit_prompt
 from qwen_magic.render import history_markdown
+from qwen_magic.sampling import default_max_tokens
 from qwen_magic.session import DEFAULT_CONVERSATION, ChatSession
 
 __all__ = ["PanelMagics", "QwenPanel", "find_session", "panel"]
@@ -78,7 +80,7 @@ class QwenPanel(widgets.VBox):
         self._conversation_name = conversation or DEFAULT_CONVERSATION
         self._control_links: dict[str, widgets.link] = {}
         self._links: list[widgets.link] = []
-        self._model_key: tuple[Any, ...] | None = None
+        self._controls_key: tuple[Any, ...] | None = None
         self._shown_history: str | None = None
         self._showing_system = False
 
@@ -222,9 +224,15 @@ class QwenPanel(widgets.VBox):
         return None if bot is None else bot.backend.info
 
     def model_defaults(self) -> dict[str, Any]:
-        """The loaded model's sampling defaults (its generation_config), or {} without one."""
+        """What an unset setting uses with the loaded model, or {} without one.
+
+        The model's generation_config, plus the max_tokens policy every front-end shares (512,
+        at most a quarter of the context), so an unset max_tokens shows what a reply gets.
+        """
         info = self._info()
-        return dict(info.generation_defaults) if info is not None else {}
+        if info is None:
+            return {}
+        return {"max_tokens": default_max_tokens(info.max_model_len), **info.generation_defaults}
 
     def _model_facts(self) -> tuple[str | None, int | None, str | None]:
         info = self._info()
@@ -260,16 +268,18 @@ class QwenPanel(widgets.VBox):
     def refresh(self) -> None:
         """Re-read model, conversation and budget; cheap when nothing changed."""
         model, max_model_len, device = self._model_facts()
-        model_key = (model, max_model_len, device, tuple(sorted(self.model_defaults().items())))
-        if model_key != self._model_key:
-            self._model_key = model_key
+        # The max_tokens limit depends on the shown conversation's system prompt as well.
+        limit = max_tokens_limit(max_model_len, self._empty_prompt_tokens())
+        defaults = tuple(sorted(self.model_defaults().items()))
+        controls_key = (model, max_model_len, device, defaults, limit)
+        if controls_key != self._controls_key:
+            self._controls_key = controls_key
             self.status.value = model_status(model, max_model_len=max_model_len, device=device)
             # Unlinked while the range changes, so a clamped value is not sent back; relinking
             # re-syncs what unset controls show (the new model's defaults).
             for link in self._control_links.values():
                 link.unlink()
             self._control_links.clear()
-            limit = max_tokens_limit(max_model_len, self._empty_prompt_tokens())
             self.controls["max_tokens"].max = limit
             for spec in CONTROL_SPECS:
                 self._link_control(spec)
@@ -300,8 +310,9 @@ class QwenPanel(widgets.VBox):
         return history_markdown(self.conversation, name=self._conversation_name)
 
     def close(self) -> None:
-        """Stop following the session, then close the widgets."""
-        self._session.unobserve(self._on_session_revision_change, names="revision")
+        """Stop following the session, then close the widgets (closing twice is harmless)."""
+        with contextlib.suppress(ValueError):  # already closed
+            self._session.unobserve(self._on_session_revision_change, names="revision")
         panels = _PANELS.get(self._session, {})
         if panels.get(self._conversation_name) is self:
             del panels[self._conversation_name]
@@ -317,8 +328,13 @@ class QwenPanel(widgets.VBox):
         self.refresh()
 
     def _on_system_text_value_change(self, change: Any) -> None:
-        if not self._showing_system:
+        if self._showing_system:
+            return
+        try:
             self._session.set_system(self._conversation_name, system_from_text(change["new"]))
+        except Exception as error:  # busy: a reply is being generated with the old prompt
+            self._say(f"System prompt not changed: {error}", error=True)
+            self.refresh()
 
     def _on_clear_button_click(self, button: widgets.Button) -> None:
         try:
@@ -342,10 +358,16 @@ class QwenPanel(widgets.VBox):
         try:
             path = self._session.export(self._conversation_name, target,
                                         force=self.overwrite.value)  # fmt: skip
+        except FileExistsError:  # the session's message names --force, which the panel has not
+            self._say(
+                f"Not exported: {target} exists: pick another name or tick overwrite", error=True
+            )
+            return
         except (ValueError, OSError) as error:
             self._say(f"Not exported: {error}", error=True)
             return
-        self._say(f"Exported {len(self.conversation)} turns to {path}")
+        count = len(self.conversation)
+        self._say(f"Exported {count} turn{'s' if count != 1 else ''} to {path}")
 
     def _say(self, text: str, *, error: bool = False) -> None:
         color = "#b00020" if error else "inherit"
