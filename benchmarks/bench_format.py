@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 
 from qwen_magic.chatml import ChatFormatter, ChatTokenizer
-from qwen_magic.history import Conversation
+from qwen_magic.conversation import Conversation
+from qwen_magic.prompt import fit_prompt
 
 RESULTS = Path(__file__).parent / "results" / "format.json"
 
@@ -65,14 +66,17 @@ def main() -> None:
     for i in range(args.turns):
         conversation.record(f"Question {i}: {paragraph}", f"Answer {i}: {paragraph}")
     query = "And how does the KV cache make the next turn cheaper?"
-    conversation.prepare(formatter, "warm-up", budget=10**9)  # fills the segment cache once
+    fit_prompt(
+        formatter, conversation.system, conversation.turns, "warm-up", budget=10**9
+    )
 
-    plan = conversation.prepare(formatter, query, budget=10**9)
+    plan = fit_prompt(formatter, conversation.system, conversation.turns, query, budget=10**9)
     tutorial_ids = tutorial_make_context(tokenizer, conversation, query)
     assert plan.token_ids == tutorial_ids, "both ways must produce the same ids"
 
     cached = median_seconds(
-        lambda: conversation.prepare(formatter, query, budget=10**9), args.repeat
+        lambda: fit_prompt(formatter, conversation.system, conversation.turns, query, budget=10**9),
+        args.repeat,
     )
     tutorial = median_seconds(
         lambda: tutorial_make_context(tokenizer, conversation, query), args.repeat

@@ -30,12 +30,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_format import tutorial_make_context
 
-from qwen_magic.history import Conversation
+from qwen_magic.backends import _vllm_compat
+from qwen_magic.conversation import Conversation
+from qwen_magic.prompt import PromptPlan, fit_prompt
 
 RESULTS = Path(__file__).parent / "results"
 # Greedy without penalties: what transformers' greedy generate does, on every path alike.
 GREEDY = {"temperature": 0.0, "repetition_penalty": 1.0}
 FILLER = "The quick brown fox jumps over the lazy dog while the engine keeps its cache warm. "
+
+
+def plan_for(bot: Any, conversation: Conversation, message: str, budget: int) -> PromptPlan:
+    """The prompt ``bot.reply`` would send (the oldest turns dropped to fit ``budget``)."""
+    return fit_prompt(
+        bot.formatter, conversation.system, conversation.turns, message, budget=budget
+    )
 
 
 def timed(function) -> tuple[float, Any]:
@@ -73,7 +82,9 @@ def raw_step_loop(bot: Any, token_ids: list[int], **sampling: Any) -> int:
     stop = bot.formatter.tokenizer.stop_token_ids
     params = bot.engine.sampling_params(len(token_ids), stop_token_ids=stop, **sampling)
     llm_engine = bot.engine.llm.llm_engine
-    llm_engine.add_request("bench-raw-step-loop", bot.engine._engine_prompt(token_ids), params)
+    llm_engine.add_request(
+        "bench-raw-step-loop", _vllm_compat.engine_prompt(llm_engine, token_ids), params
+    )
     generated = 0
     while llm_engine.has_unfinished_requests():
         for output in llm_engine.step():
@@ -85,7 +96,7 @@ def decode_speed(bot: Any, shell: Any, args: argparse.Namespace) -> dict[str, An
     """a. Fixed-length greedy decode (ignore_eos), four paths alternated, tokens per second."""
     conversation = Conversation()
     message = "Tell me a long story about a lighthouse keeper."
-    plan = conversation.prepare(bot.formatter, message, budget=bot.engine.max_model_len)
+    plan = plan_for(bot, conversation, message, bot.engine.max_model_len)
     fixed = {**GREEDY, "max_tokens": args.tokens, "ignore_eos": True}
     rates: dict[str, list[float]] = {
         "llm_generate": [],
@@ -129,7 +140,7 @@ def follow_up_ttft(bot: Any, args: argparse.Namespace) -> dict[str, Any]:
     conversation = Conversation(system="You are a helpful assistant.")
     turn = 0
     while True:
-        plan = conversation.prepare(bot.formatter, "next", budget=10**9)
+        plan = plan_for(bot, conversation, "next", 10**9)
         if plan.num_tokens >= args.history_tokens:
             break
         conversation.record(f"Question {turn}: {FILLER * 4}", f"Answer {turn}: {FILLER * 4}")
@@ -146,7 +157,7 @@ def follow_up_ttft(bot: Any, args: argparse.Namespace) -> dict[str, Any]:
         # qwen-magic: cached segments + streaming; the history prefix is in vLLM's prefix cache.
         start = time.perf_counter()
         stream = bot.engine.stream(
-            conversation.prepare(bot.formatter, message, budget=10**9).token_ids,
+            plan_for(bot, conversation, message, 10**9).token_ids,
             stop_token_ids=tokenizer.stop_token_ids,
             max_tokens=1,
             **GREEDY,
@@ -205,7 +216,7 @@ def transformers_speed(model: str, bot: Any, args: argparse.Namespace) -> dict[s
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16).to(device)
-    plan = Conversation().prepare(bot.formatter, "Tell me a story.", budget=10**9)
+    plan = plan_for(bot, Conversation(), "Tell me a story.", 10**9)
     inputs = torch.tensor([plan.token_ids], device=device)
     tokens = args.tokens // 2
     fixed = {**GREEDY, "max_tokens": tokens, "ignore_eos": True}
@@ -267,7 +278,7 @@ def main() -> None:
     magics = shell.magics_manager.registry["QwenMagics"]
     magics.engine_options = options
     shell.run_line_magic("qwen_load", args.model)
-    bot = magics.chat
+    bot = magics.session.bot
     import vllm
 
     result: dict[str, Any] = {

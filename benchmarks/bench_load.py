@@ -32,7 +32,7 @@ import os
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 import torch
 import vllm
-from qwen_magic.engine import EngineOptions
+from qwen_magic.backends.vllm_options import EngineOptions
 
 options = EngineOptions(model=MODEL, enforce_eager=EAGER, gpu_memory_utilization=MEMORY)
 device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -60,8 +60,8 @@ def child(mode: str, model: str, eager: bool, memory: float) -> None:
         flags = " --enforce-eager" if eager else ""
         shell.run_line_magic("qwen_load", f"{model} --gpu-memory-utilization {memory}{flags}")
         ready = time.perf_counter() - started
-        chat = shell.magics_manager.registry["QwenMagics"].chat
-        chat.engine.generate([1, 2, 3], stop_token_ids=[], max_tokens=1)
+        chat = shell.magics_manager.registry["QwenMagics"].session.bot
+        list(chat.engine.stream([1, 2, 3], stop_token_ids=[], max_tokens=1))
         overhead = ready - chat.engine.load_seconds
         print(json.dumps({"overhead_seconds": overhead}), flush=True)
     print(json.dumps({"seconds": time.perf_counter() - started}), flush=True)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The steps run on the GPU machine for docs/benchmarks.md, one per call of the device tool.
-# vLLM is staged there first as ../shared/gpu/README.md describes (three calls); then, from the
+# vLLM is carried there and unpacked first (three calls, see docs/benchmarks.md); then, from the
 # repository root on that machine:
 #
 #   bash benchmarks/gpu_session.sh models      # random-weight 0.5B / 1.5B shapes, real tokenizer
@@ -16,7 +16,10 @@
 # .device/tokenizer holds the demo model's tokenizer files and .device/gguf/NN the GGUF chunks
 # (split -b 55M); both are carried, not committed.
 set -euo pipefail
-source /tmp/site/env.sh
+# Our GPU machines have no package registry: vLLM is unpacked under /tmp/site first. Elsewhere,
+# pip install -e '.[gpu,test]' and skip this.
+if [[ -f /tmp/site/env.sh ]]; then source /tmp/site/env.sh; fi
+tokenizer=${QWEN_MAGIC_TOKENIZER:-.device/tokenizer}  # a folder with the demo's tokenizer files
 export PYTHONPATH=$PWD:$PYTHONPATH
 export QWEN_MAGIC_HOME=/tmp/qwen-magic-home
 out=${OUT:-/tmp/out}
@@ -26,7 +29,7 @@ demo_sha256=1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32
 case "${1:?step}" in
 models)
     for shape in 0.5b 1.5b; do
-        python3 benchmarks/make_random_model.py --shape "$shape" --tokenizer .device/tokenizer \
+        python3 benchmarks/make_random_model.py --shape "$shape" --tokenizer "$tokenizer" \
             --out "/tmp/models/random-$shape" --device cuda
     done
     ;;

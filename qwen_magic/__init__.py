@@ -9,6 +9,8 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
+from qwen_magic.chat import QwenChat  # light: vLLM is imported only when a model loads
+
 try:
     __version__ = version("qwen-magic")
 except PackageNotFoundError:  # running from a source tree that is not installed
@@ -29,12 +31,3 @@ def unload_ipython_extension(ipython: Any) -> None:
     from qwen_magic.jupyter import unload_ipython_extension as unload
 
     unload(ipython)
-
-
-def __getattr__(name: str) -> Any:
-    # Lazy, so that %load_ext stays instant: QwenChat's module pulls in the tokenizer stack.
-    if name == "QwenChat":
-        from qwen_magic.chat import QwenChat
-
-        return QwenChat
-    raise AttributeError(f"module 'qwen_magic' has no attribute {name!r}")

