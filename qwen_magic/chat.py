@@ -87,7 +87,11 @@ class QwenChat:
     """A loaded Qwen model plus its ChatML formatter.
 
     Args:
-        model: "demo" or None (the demo model), "tiny", a local folder, or a hub id.
+        model: "demo" or None (the demo model), "tiny", a local folder, or a hub id; with
+            ``server``, which of the server's models (None: the one it serves).
+        server: The URL of a running vLLM server (``vllm serve``, with or without ``/v1``);
+            the prompt goes there as the same token ids.
+        api_key_env: The environment variable holding the server's API key (never shown).
         progress: Called with loading phase messages.
         verbose: Show vLLM's logs.
         backend: An already started backend to use instead of loading ``model``.
@@ -102,6 +106,8 @@ class QwenChat:
         self,
         model: str | None = None,
         *,
+        server: str | None = None,
+        api_key_env: str = "VLLM_API_KEY",
         progress: Callable[[str], None] | None = None,
         verbose: bool = False,
         backend: Backend | None = None,
@@ -110,7 +116,12 @@ class QwenChat:
         from qwen_magic.backends import check_options
         from qwen_magic.models import resolve_model
 
-        if backend is None:
+        self.tokenizer: ChatTokenizer | None = None
+        if backend is None and server is not None:
+            backend = open_backend(
+                model, server=server, api_key_env=api_key_env, progress=progress, **engine_options
+            )
+        elif backend is None:
             path = resolve_model(model)
             check_options(path, **engine_options)
             local = Path(path).is_dir()
@@ -123,8 +134,6 @@ class QwenChat:
                 except BaseException:
                     backend.close()
                     raise
-        else:
-            self.tokenizer = None
         self.backend: Backend = backend
         try:  # a hub id or a .gguf file: use the backend's tokenizer
             if self.tokenizer is None:

@@ -18,8 +18,9 @@ difference: content that *starts* with a line break is encoded on its own, so th
 role is never merged with it into one token (the template's whole-text encoding would merge them).
 Keeping the boundary is what Qwen's ``make_context`` does and keeps every segment's ids cacheable.
 
-This module imports neither vLLM nor IPython; it needs the ``tokenizers`` library, and ``tiktoken``
-only for Qwen(1)'s ``qwen.tiktoken``.
+This module imports neither vLLM nor IPython, nor any other module of this package (a leaf); it
+needs ``tokenizers``, ``jinja2`` to read a model's chat template, and ``tiktoken`` only for
+Qwen(1)'s ``qwen.tiktoken``.
 """
 
 from __future__ import annotations
@@ -76,11 +77,20 @@ class TemplateProfile:
 
         env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.filters["tojson"] = json.dumps
-        compiled = env.from_string(template)
+        try:
+            compiled = env.from_string(template)
+        except Exception:  # a template that does not even compile loses only these refinements
+            return cls()
 
         def render(messages: list[dict[str, str]], **kwargs: Any) -> str:
             return compiled.render(messages=messages, bos_token="", eos_token="", **kwargs)
 
+        return cls.from_render(render)
+
+    @classmethod
+    def from_render(cls, render: Any) -> TemplateProfile:
+        """Read the conventions off a function that renders the chat template (here or on a
+        server): ``render(messages, add_generation_prompt=..., [enable_thinking=...])``."""
         user = [{"role": "user", "content": _PROBE}]
         try:
             bare = render(user, add_generation_prompt=False)

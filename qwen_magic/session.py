@@ -164,34 +164,49 @@ class ChatSession(_SamplingDefaults):  # type: ignore[misc, valid-type]
 
     def load(
         self,
-        model: str,
+        model: str | None,
         options: dict[str, Any],
         *,
+        server: str | None = None,
+        api_key_env: str = "VLLM_API_KEY",
         progress: Callable[[str], None] | None = None,
         verbose: bool = False,
         reload: bool = False,
     ) -> bool:
         """Load ``model`` (replacing another); False when it is already loaded as asked.
 
-        Options are checked before the loaded model is freed, so a typo keeps it.
+        With ``server``, connect to that vLLM server instead (``model`` then picks one of its
+        models). Options are checked before the loaded model is freed, so a typo keeps it.
 
         Raises:
             BackendError: A wrong option, no such model, or the load failed.
             ModelFetchError: The demo or test model could not be fetched.
         """
-        from qwen_magic.backends import check_options
+        from qwen_magic.backends import check_options, check_server_options
         from qwen_magic.models import resolve_model
 
-        path = resolve_model(model)
-        check_options(path, **options)
-        request = (path, tuple(sorted((key, repr(value)) for key, value in options.items())))
+        if server is not None:
+            check_server_options(server, options)
+            path = model
+        else:
+            path = resolve_model(model)
+            check_options(path, **options)
+        settings = tuple(sorted((key, repr(value)) for key, value in options.items()))
+        request = (server, api_key_env, path, settings)
         if self.bot is not None and request == self.loaded_request and not reload:
             return False
         with self._exclusive():
             self._unload()  # free the old engine before the new one takes memory
             from qwen_magic.chat import QwenChat
 
-            self.bot = QwenChat(path, progress=progress, verbose=verbose, **options)
+            self.bot = QwenChat(
+                path,
+                server=server,
+                api_key_env=api_key_env,
+                progress=progress,
+                verbose=verbose,
+                **options,
+            )
             self.loaded_request = request
         self.changed()
         return True

@@ -6,6 +6,7 @@ through :class:`qwen_magic.chat.QwenChat` and never import a concrete backend.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -15,23 +16,38 @@ __all__ = ["Backend", "BackendBusy", "BackendError", "BackendInfo", "Delta", "op
 
 
 def open_backend(
-    model: str,
+    model: str | None,
     *,
+    server: str | None = None,
+    api_key_env: str = "VLLM_API_KEY",
     progress: Callable[[str], None] | None = None,
     verbose: bool = False,
     **options: Any,
 ) -> Backend:
-    """Start the backend that serves ``model`` (a folder, ``.gguf`` file or hub id).
+    """Start (or connect to) the backend that serves ``model``.
 
     Args:
-        model: What to load.
+        model: A folder, ``.gguf`` file or hub id to load here; with ``server``, which of the
+            server's models to use (None: the one it serves).
+        server: The URL of a running vLLM server (``vllm serve``) to use instead.
+        api_key_env: The environment variable holding the server's API key, if it wants one.
         progress: Called with short phase messages while loading.
         verbose: Show the engine's own logs.
         **options: Engine options (:class:`qwen_magic.backends.vllm_options.EngineOptions`).
     """
+    if server is not None:
+        from qwen_magic.backends.openai_http import ServerBackend
+
+        check_server_options(server, options)
+        if progress is not None:
+            progress(f"connecting to {server}")
+        api_key = os.environ.get(api_key_env) or None
+        return ServerBackend(server, api_key=api_key, api_key_env=api_key_env, model=model)
     from qwen_magic.backends.vllm_local import Engine
     from qwen_magic.backends.vllm_options import EngineOptions
 
+    if model is None:
+        raise BackendError("no model given: pass a local folder or a hub id")
     return Engine(EngineOptions(model=model, **options), progress=progress, verbose=verbose)
 
 
@@ -57,3 +73,15 @@ def check_options(model: str, **options: Any) -> None:
     accepted = set(getattr(getattr(arg_utils, "EngineArgs", None), "__dataclass_fields__", {}))
     if accepted:
         checked.check_extra(accepted)
+
+
+def check_server_options(server: str, options: dict[str, Any]) -> None:
+    """Refuse engine options with a server (they are the server's) and a malformed URL."""
+    from qwen_magic.backends.openai_http import normalise_url
+
+    normalise_url(server)
+    if options:
+        raise BackendError(
+            f"engine options ({', '.join(sorted(options))}) are the server's to set: give them "
+            "to vllm serve, not to a client of it"
+        )

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import types
 import warnings
 from argparse import Namespace
@@ -112,6 +113,16 @@ class QwenMagics(_SamplingConfig):  # type: ignore[misc, valid-type]
         None,
         allow_none=True,
         help="System prompt of conversations not given their own with -s; None: the model's.",
+    ).tag(config=True)
+    server = Unicode(
+        os.environ.get("QWEN_MAGIC_SERVER") or None,
+        allow_none=True,
+        help="URL of a vLLM server (vllm serve) that %qwen_load connects to instead of loading "
+        "a model here; default: $QWEN_MAGIC_SERVER. Set it once for a class in ipython_config.py.",
+    ).tag(config=True)
+    api_key_env = Unicode(
+        "VLLM_API_KEY",
+        help="Environment variable holding the server's API key (the key itself is never shown).",
     ).tag(config=True)
     display_mode = Enum(
         ["auto", "notebook", "terminal"],
@@ -219,24 +230,37 @@ class QwenMagics(_SamplingConfig):  # type: ignore[misc, valid-type]
     @argument("--trust-remote-code", action="store_const", const=True, help="run model code")
     @argument("--seed", type=int, help="engine random seed")
     @argument("--kv-cache-gib", type=float, help="KV cache size (CPU default: up to 4 GiB)")
+    @argument("--server", metavar="URL", help="use the vLLM server at URL (vllm serve) instead")
+    @argument("--local", action="store_true", help="load here even if QwenMagics.server is set")
+    @argument("--api-key-env", metavar="NAME", help="env variable with the server's API key")
     @argument("--reload", action="store_true", help="load again even if already loaded")
     @argument("--verbose", action="store_true", help="show the engine's own logs")
     @line_magic
     def qwen_load(self, line: str) -> None:
         """Load a Qwen model into this kernel (replacing any other model)."""
         args = parse(self.qwen_load.parser, line)
-        model_name = args.model_name or self.model
-        options = dict(self.engine_options)
-        flags = {"model_name", "reload", "verbose"}
-        for name, value in vars(args).items():
-            if name not in flags and value is not None:
-                options[name] = value
-        progress = output.LoadProgress(model_name, notebook=self.notebook)
+        if args.server and args.local:
+            raise UsageError("--server and --local contradict each other: give one")
+        server = None if args.local else (args.server or self.server)
+        flags = {"model_name", "reload", "verbose", "server", "local", "api_key_env"}
+        given = {k: v for k, v in vars(args).items() if k not in flags and v is not None}
+        if server is None:  # QwenMagics.engine_options are defaults for loading here
+            model_name = args.model_name or self.model
+            options = {**self.engine_options, **given}
+        else:  # the server's model (None: the one it serves); its options are the server's
+            model_name, options = args.model_name, given
+        progress = output.LoadProgress(model_name or server, notebook=self.notebook)
         from qwen_magic.models import ModelFetchError
 
         try:
             loaded = self.session.load(
-                model_name, options, progress=progress, verbose=args.verbose, reload=args.reload
+                model_name,
+                options,
+                server=server,
+                api_key_env=args.api_key_env or self.api_key_env,
+                progress=progress,
+                verbose=args.verbose,
+                reload=args.reload,
             )
         except KeyboardInterrupt:
             progress.failed("interrupted")
@@ -257,7 +281,7 @@ class QwenMagics(_SamplingConfig):  # type: ignore[misc, valid-type]
             self._notice(f"{name} is already loaded (use --reload to load it again)")
             return
         info = self.session.bot.backend.info
-        progress.done(f"loaded {model_name} on {info.where}, {info.max_model_len} tokens")
+        progress.done(f"loaded {info.model} on {info.where}, {info.max_model_len} tokens")
 
     @line_magic
     def qwen_unload(self, line: str) -> None:
