@@ -100,7 +100,10 @@ def fit_prompt(
     Raises:
         BudgetError: The system prompt and generation prompt leave no room for a message.
         MessageTooLongError: The message does not fit and ``on_overflow="error"``.
+        ValueError: ``on_overflow`` is neither of the two.
     """
+    if on_overflow not in ("error", "truncate"):
+        raise ValueError(f"on_overflow must be 'error' or 'truncate', got {on_overflow!r}")
     if system is None:
         system = formatter.default_system
     system_text = "" if system is None else formatter.segment_text("system", system)

@@ -4,15 +4,17 @@ Every front-end (the Jupyter magics and panel, the terminal chat, the web page) 
 facts the same way by calling these functions; none of them displays anything. A *bundle* is a
 dict of MIME type to text (``text/markdown``, ``text/plain``, optionally ``text/html``).
 
-Replies are model output, so they are rendered defensively: a Markdown image or an ``<img>``
-tag in a reply becomes a plain link (a browser would otherwise fetch a remote image, which is
-how injected prompts smuggle conversation data out), and ``$`` is left alone.
+Replies are model output, so they are rendered defensively (:func:`safe_markdown`): a Markdown
+image becomes a plain link and raw HTML shows as text (a browser would otherwise fetch a remote
+image, which is how injected prompts smuggle conversation data out, and JupyterLab runs the
+scripts of a trusted output), while code stays as it is and ``$`` is left alone.
 
 Pure Python: no vLLM, IPython or ipywidgets import.
 """
 
 from __future__ import annotations
 
+import bisect
 import html
 import re
 from collections.abc import Mapping, Sequence
@@ -62,43 +64,190 @@ def mime_bundle(markdown: str, *, html_text: str | None = None, plain: str | Non
     return bundle
 
 
-_FENCE = re.compile(r"^( {0,3})(`{3,}|~{3,})", re.MULTILINE)
-_INLINE_CODE = re.compile(r"(`+)(?:.|\n)*?\1")
-_IMAGE = re.compile(r"!\[((?:[^\]\\]|\\.)*)\]")
-_IMG_TAG = re.compile(r"<(?=\s*img\b)", re.IGNORECASE)
+_FENCE_LINE = re.compile(r"([ \t]*)(`{3,}|~{3,})(.*)")
+_BACKTICK_RUN = re.compile(r"`+")
+_TAG_START = re.compile(r"<(?=[A-Za-z/!?])")  # where an HTML tag, comment or autolink can begin
+_IMAGE_START = re.compile(r"!+\[")  # "!![x](url)" must not become "![🖼 x](url)"
+_DEFINITION_START = re.compile(r"(?:[ \t]*(?:>|[*+-](?=[ \t])|\d{1,9}[.)](?=[ \t])))*[ \t]*(?=\[)")
+_LABEL_RUNS_ON = re.compile(r"\[(?:\\.|[^\[\]\\])*(?:\]:|\Z)")
+_MATH_STARTS = ("$", "\\begin{", "\\\\(", "\\\\[")  # what JupyterLab lifts out before Markdown
+_ASCII_PUNCTUATION = frozenset("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~")
+
+
+def _lines(text: str) -> list[str]:
+    return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+
+
+def _spelled(text: str) -> str:
+    """``text`` with its ASCII punctuation as character references: inert in Markdown and HTML."""
+    return "".join(f"&#{ord(char)};" if char in _ASCII_PUNCTUATION else char for char in text)
+
+
+def _is_harmful(text: str) -> bool:
+    return bool(_TAG_START.search(text) or _IMAGE_START.search(text))
+
+
+def _defuse_everything(text: str) -> str:
+    """Defuse images and tags even where they may be code (a fence's info string)."""
+    return _TAG_START.sub("&lt;", _IMAGE_START.sub("[🖼 ", text))
+
+
+def _no_fence(line: str) -> str:
+    """A line that looks like a fence but must not be one (``\\`` before its marker)."""
+    marker = len(line) - len(line.lstrip(" \t"))
+    return line[:marker] + "\\" + line[marker:]
+
+
+def _no_definition(line: str) -> str:
+    """Escape a ``[`` that could open a link definition, which marked lets run on over lines
+    (and over a code fence, which then is no longer one)."""
+    start = _DEFINITION_START.match(line)
+    if start and _LABEL_RUNS_ON.match(line, start.end()):
+        return line[: start.end()] + "\\" + line[start.end() :]
+    return line
+
+
+def _fence_end(lines: list[str], start: int, indent: int, marker: str) -> tuple[int, bool, bool]:
+    """Where the code fence opened at ``lines[start]`` ends: ``(end, closed, agreed)``.
+
+    ``agreed`` means that CommonMark, marked (JupyterLab's parser, which also closes on a fence
+    followed by tildes) and JupyterLab's math extraction (which takes only an exact fence) all end
+    it there. An indented fence may sit in a list item, which a less indented line ends (and the
+    fence with it) while a top-level fence would go on: that end is not agreed either.
+    """
+    commonmark = re.compile(rf"( *){re.escape(marker[0])}{{{len(marker)},}}[ \t]*")
+    marked = re.compile(rf"( *){re.escape(marker)}[~`]* *")
+    jupyterlab = re.compile(rf"{re.escape(marker)}`*")
+    for number in range(start + 1, len(lines)):
+        line = lines[number]
+        leading = len(line) - len(line.lstrip(" "))
+        by_commonmark, by_marked = commonmark.fullmatch(line), marked.fullmatch(line)
+        if by_commonmark or by_marked:
+            if indent == 0 and leading > 3:
+                continue  # code for every parser
+            agreed = by_commonmark and by_marked and indent <= leading <= 3
+            return number + 1, True, bool(agreed and (indent or jupyterlab.fullmatch(line)))
+        if indent and line.strip(" \t") and leading < indent:
+            return number, False, False
+    return len(lines), False, True
+
+
+def _dedent(line: str, indent: int) -> str:
+    """``line`` without up to ``indent`` leading spaces, as a fence's content is shown."""
+    return line[min(indent, len(line) - len(line.lstrip(" "))) :]
+
+
+def _code_block(indentation: str, body: list[str]) -> str:
+    """A code block as HTML whose text no parser reads as markup, for an ambiguous fence."""
+    shown = [_spelled(_dedent(line, len(indentation))) for line in body] or [""]
+    shown[0] = "<pre><code>" + shown[0]
+    shown[-1] += "</code></pre>"
+    return "\n".join(indentation + line for line in shown)
+
+
+def _inert_code(content: str) -> str:
+    """Inline code as HTML ``<code>`` whose text no Markdown or HTML parser reads as markup."""
+    content = content.replace("\n", " ")
+    if content.startswith(" ") and content.endswith(" ") and content.strip(" "):
+        content = content[1:-1]  # as CommonMark shows a code span
+    return f"<code>{_spelled(content)}</code>"
 
 
 def _defuse_prose(text: str) -> str:
-    """Outside code: ``![alt](url)`` -> ``[🖼 alt](url)``, ``<img`` -> ``&lt;img``."""
-    pieces, last = [], 0
-    for match in _INLINE_CODE.finditer(text):
-        pieces.append(_IMG_TAG.sub("&lt;", _IMAGE.sub(r"[🖼 \1]", text[last : match.start()])))
-        pieces.append(match.group(0))
-        last = match.end()
-    pieces.append(_IMG_TAG.sub("&lt;", _IMAGE.sub(r"[🖼 \1]", text[last:])))
-    return "".join(pieces)
+    """Outside code blocks: ``![`` -> ``[🖼 ``, ``<tag`` -> ``&lt;tag``.
+
+    Inline code is kept as it is unless it holds an image or a tag. Such code becomes HTML
+    ``<code>`` with its punctuation spelled as character references: it looks the same and stays
+    inert whatever a parser makes of the text around it (marked lets a bare URL, emphasis or
+    strikethrough cut a code span short; CommonMark does not).
+    """
+    runs: dict[int, list[int]] = {}
+    for match in _BACKTICK_RUN.finditer(text):
+        runs.setdefault(len(match[0]), []).append(match.start())
+    out: list[str] = []
+    index = 0
+    while index < len(text):
+        char = text[index]
+        if char == "`":
+            length = len(_BACKTICK_RUN.match(text, index)[0])
+            same = runs.get(length, [])
+            position = bisect.bisect_right(same, index)
+            if position < len(same):  # a code span, as CommonMark pairs backtick runs
+                end = same[position] + length
+                content = text[index + length : end - length]
+                out.append(_inert_code(content) if _is_harmful(content) else text[index:end])
+                index = end
+            else:
+                out.append(text[index : index + length])
+                index += length
+            continue
+        if char == "\\" and text[index + 1 : index + 2] in _ASCII_PUNCTUATION:
+            if _TAG_START.match(text, index + 1):  # a bare URL before it would take the "\\"
+                out.append("&lt;")
+                index += 2
+                continue
+            if text[index + 1] != "!":  # "\\![" is defused as an image below, to be safe
+                out.append(text[index : index + 2])
+                index += 2
+                continue
+        image = _IMAGE_START.match(text, index) if char == "!" else None
+        if image:
+            out.append("[🖼 ")
+            index = image.end()
+            continue
+        out.append("&lt;" if char == "<" and _TAG_START.match(text, index) else char)
+        index += 1
+    return "\n".join(_no_definition(line) for line in "".join(out).split("\n"))
+
+
+def _safe_prose(text: str) -> str:
+    """Text shown inside a line (the system prompt): no image, tag or code fence."""
+    return _defuse_prose("\n".join(_no_fence(line) if _FENCE_LINE.fullmatch(line) else line
+                                   for line in _lines(text)))  # fmt: skip
 
 
 def safe_markdown(text: str) -> str:
-    """Model output as Markdown that cannot make the browser fetch anything.
+    """Model output as Markdown that cannot make the browser fetch or run anything.
 
-    Images become links the user may click; code blocks and inline code are left exactly as
-    they are (an image in a code sample is code, not an image).
+    Images become links the user may click and raw HTML shows as text (JupyterLab renders, and
+    runs the scripts of, HTML in the Markdown of a trusted output). Code is shown as it is: a
+    code fence that every parser reads alike stays a fence (so it keeps its highlighting), any
+    other becomes an HTML code block with inert text. Every fence is closed, so that text shown
+    after this never ends up inside one.
     """
-    out, position, fence = [], 0, None
-    for match in _FENCE.finditer(text):
-        marker = match.group(2)
-        if fence is None:
-            out.append(_defuse_prose(text[position : match.start()]))
-            position, fence = match.start(), marker
-        elif marker[0] == fence[0] and len(marker) >= len(fence):
-            end = text.find("\n", match.end())
-            end = len(text) if end < 0 else end
-            out.append(text[position:end])
-            position, fence = end, None
-    tail = text[position:]
-    out.append(tail if fence is not None else _defuse_prose(tail))
-    return "".join(out)
+    lines = _lines(text)
+    math = any(start in text for start in _MATH_STARTS)
+    out: list[str] = []
+    prose: list[str] = []
+    number = 0
+    while number < len(lines):
+        fence = _FENCE_LINE.fullmatch(lines[number])
+        if fence is None or "`" in fence[3]:  # not a fence for every parser: never one
+            prose.append(lines[number] if fence is None else _no_fence(lines[number]))
+            number += 1
+            continue
+        if prose:
+            out.append(_defuse_prose("\n".join(prose)))
+            prose = []
+        indentation, marker, info = fence.groups()
+        spaces = len(indentation) if not indentation.strip(" ") else 4
+        end, closed, agreed = _fence_end(lines, number, spaces, marker)
+        body = lines[number + 1 : end - 1 if closed else end]
+        if agreed and spaces == 0 and math:
+            # JupyterLab lifts math out before Markdown sees the text, and math that began
+            # outside a fence could take its opening or closing line: blank lines stop math.
+            if out and out[-1].rsplit("\n", 1)[-1].strip():
+                out.append("")
+            info = "" if "\\" in info or "$" in info else info
+            out += [marker + _defuse_everything(info), *body, marker, ""]
+        elif agreed and spaces <= 3 and not math:  # JupyterLab ignores indented fences
+            out += [indentation + marker + _defuse_everything(info), *body, indentation + marker]
+        else:
+            out.append(_code_block(indentation, body))
+        number = end
+    if prose:
+        out.append(_defuse_prose("\n".join(prose)))
+    return "\n".join(out)
 
 
 def render_reply(
@@ -162,10 +311,15 @@ def highlight_special_tokens(token_ids: Sequence[int], tokenizer: Any) -> str:
     return "".join(pieces)
 
 
+def _safe_cell(value: Any) -> str:
+    """A table cell's Markdown: a stop string may hold anything, ``|`` included."""
+    return _safe_prose(str(value)).replace("|", "&#124;").replace("\n", " ")
+
+
 def _table(rows: Sequence[tuple[str, Any]], header: tuple[str, str]) -> tuple[str, str]:
     """A two-column table as (Markdown, HTML)."""
     markdown = [f"| {header[0]} | {header[1]} |", "|---|---|"]
-    markdown += [f"| {key} | {value} |" for key, value in rows]
+    markdown += [f"| {key} | {_safe_cell(value)} |" for key, value in rows]
     cells = "".join(
         f"<tr><td>{html.escape(str(key))}</td><td>{html.escape(str(value))}</td></tr>"
         for key, value in rows
@@ -198,7 +352,8 @@ def render_prompt(
     token_md, token_html = _table(parts, ("part", "tokens"))
     sampling_rows = sorted(sampling.items())
     sampling_md, sampling_html = _table(sampling_rows, ("sampling", "value"))
-    fence = "````"
+    longest = max((len(run) for run in _BACKTICK_RUN.findall(text)), default=0)
+    fence = "`" * max(4, longest + 1)  # no line of the prompt can close it
     markdown = (
         f"**Prompt** · {summary}\n\n{fence}text\n{text}\n{fence}\n\n{token_md}\n\n{sampling_md}"
     )
@@ -227,14 +382,14 @@ def history_markdown(conversation: Conversation, *, name: str | None = None) -> 
     title = f"**Conversation `{name}`**" if name else "**Conversation**"
     lines = [f"{title} · {len(conversation.turns)} turn(s)", ""]
     if conversation.system is not None:
-        lines += [f"> **System:** {conversation.system}", ""]
+        lines += [f"> **System:** {_safe_prose(conversation.system)}", ""]
     if not conversation.turns:
         lines.append("*No turns yet.*")
     for number, turn in enumerate(conversation.turns, start=1):
         if number > 1:
             lines += ["---", ""]
         marker = f" *{INTERRUPTED}*" if turn.interrupted else ""
-        lines += [f"**{number}. User**", "", turn.user, ""]
+        lines += [f"**{number}. User**", "", safe_markdown(turn.user), ""]
         lines += [f"**{number}. Assistant**{marker}", "", safe_markdown(turn.assistant), ""]
     return "\n".join(lines).rstrip("\n") + "\n"
 

@@ -167,9 +167,12 @@ def validate(sampling: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError(f"ignore_eos must be True or False, got {given['ignore_eos']!r}")
     if "stop" in given:
         stop = given["stop"]
-        given["stop"] = [stop] if isinstance(stop, str) else list(stop)
-        if not all(isinstance(entry, str) and entry for entry in given["stop"]):
+        entries = [stop] if isinstance(stop, str) else stop
+        if not isinstance(entries, (list, tuple)) or not all(
+            isinstance(entry, str) and entry for entry in entries
+        ):
             raise ValueError(f"stop must be a string or a list of non-empty strings, got {stop!r}")
+        given["stop"] = list(entries)
     return given
 
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import ast
 import functools
 import subprocess
 import sys
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+import qwen_magic.chatml
 from qwen_magic.chatml import (
     ENDOFTEXT,
     IM_END,
@@ -15,6 +19,7 @@ from qwen_magic.chatml import (
     ChatFormatter,
     ChatMLError,
     ChatTokenizer,
+    TemplateProfile,
     format_prompt,
 )
 
@@ -181,12 +186,17 @@ def test_load_from_transformers_object_matches_folder(demo_model, qwen25_tokeniz
     assert from_object.encode_text(INJECTION) == qwen25_tokenizer.encode_text(INJECTION)
 
 
-def test_non_chatml_tokenizer_is_refused():
+def test_non_chatml_tokenizer_loads_for_raw_text_but_cannot_format_chatml():
     from tokenizers import Tokenizer, models
 
     plain = Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
+    tokenizer = ChatTokenizer.load(plain)  # --raw continuation still needs it
+    assert not tokenizer.is_chatml and tokenizer.stop_token_ids == []
+    assert tokenizer.encode_text("a") == [0]
+    with pytest.raises(ChatMLError, match=r"no <\|im_start\|> / <\|im_end\|> token.*--raw"):
+        tokenizer.require_chatml()
     with pytest.raises(ChatMLError, match="not a ChatML"):
-        ChatTokenizer.load(plain)
+        ChatFormatter(plain)
 
 
 def test_missing_tokenizer_path_is_one_clear_error(tmp_path):
@@ -207,7 +217,8 @@ def test_max_window_size_drops_oldest_turns(qwen3_tokenizer):
 
 def test_core_imports_no_engine_or_ui():
     code = (
-        "import sys, qwen_magic.chatml, qwen_magic.history;"
+        "import sys, qwen_magic.chatml, qwen_magic.conversation, qwen_magic.prompt,"
+        " qwen_magic.render, qwen_magic.sampling;"
         "bad = {'vllm', 'IPython', 'ipywidgets', 'torch', 'transformers'} & set(sys.modules);"
         "print(sorted(bad))"
     )
@@ -215,3 +226,72 @@ def test_core_imports_no_engine_or_ui():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == "[]"
+
+
+def imports_run_at_import(node: ast.AST) -> Iterator[str]:
+    """The modules ``node`` imports when its module is imported (not inside functions)."""
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            continue
+        if isinstance(child, ast.Import):
+            yield from (alias.name for alias in child.names)
+        elif isinstance(child, ast.ImportFrom):
+            yield "." * child.level + (child.module or "")
+        else:
+            yield from imports_run_at_import(child)
+
+
+def test_chatml_is_a_leaf_module():
+    """chatml.py imports nothing of ours at module level (format_prompt is looked up lazily)."""
+    tree = ast.parse(Path(qwen_magic.chatml.__file__).read_text(encoding="utf-8"))
+    imported = list(imports_run_at_import(tree))
+    assert "json" in imported  # the walk does see the module's imports
+    assert [name for name in imported if name.startswith((".", "qwen_magic"))] == []
+    # Loaded on its own (not through the package's __init__), it pulls in none of our modules.
+    code = (
+        "import importlib.util, sys;"
+        f"spec = importlib.util.spec_from_file_location('chatml', {qwen_magic.chatml.__file__!r});"
+        "sys.modules['chatml'] = module = importlib.util.module_from_spec(spec);"
+        "spec.loader.exec_module(module);"
+        "print(sorted(name for name in sys.modules if name.startswith('qwen_magic')))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "<|im_start|>system\nhello",  # no <|im_end|>: no default system prompt to read
+        "{{ messages + 1 }}<|im_start|>",  # raises TypeError when rendered
+        "{% for m in messages %}<|im_start|>{{ m.content }}{% endfor %}{{ undefined_call() }}",
+        "{% if %}<|im_start|>",  # does not even compile
+        "",
+        None,
+    ],
+)
+def test_odd_templates_give_the_bare_chatml_profile(template):
+    assert TemplateProfile.from_template(template) == TemplateProfile()
+
+
+def test_template_without_a_generation_prompt_branch_has_no_thinking_suffix():
+    template = (
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    )
+    profile = TemplateProfile.from_template(template)
+    assert profile.thinking_suffix == ""
+    assert profile.default_system is None and not profile.strips_past_thinking
+
+
+def test_template_profile_reads_a_default_system_prompt_and_qwen3s_switch(qwen3_tokenizer):
+    template = (
+        "{% if messages[0].role != 'system' %}<|im_start|>system\nDefault.<|im_end|>\n{% endif %}"
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    profile = TemplateProfile.from_template(template)
+    assert profile == TemplateProfile(default_system="Default.")
+    assert qwen3_tokenizer.profile.thinking_suffix == "<think>\n\n</think>\n\n"
+    assert qwen3_tokenizer.profile.strips_past_thinking

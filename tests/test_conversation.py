@@ -1,28 +1,18 @@
-"""Conversation state on a real Qwen tokenizer: budget trimming, keys, undo, export."""
+"""Conversations: keyed turns, undo of every change, validated import and careful export."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+import stat
+from pathlib import Path
 
 import pytest
 
-from qwen_magic.chatml import ChatFormatter, ChatTokenizer
-from qwen_magic.history import (
-    BudgetError,
-    Conversation,
-    PromptTruncatedWarning,
-    Turn,
-)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(qwen3_tokenizer_dir) -> ChatTokenizer:
-    return ChatTokenizer.load(qwen3_tokenizer_dir)
-
-
-@pytest.fixture
-def formatter(tokenizer) -> ChatFormatter:
-    return ChatFormatter(tokenizer)
+from qwen_magic import conversation as conversation_module
+from qwen_magic.conversation import UNDO_DEPTH, Conversation, Recorded, Turn
+from qwen_magic.render import INTERRUPTED
 
 
 def conversation_with(turns: int, system: str | None = "Be brief.") -> Conversation:
@@ -32,96 +22,183 @@ def conversation_with(turns: int, system: str | None = "Be brief.") -> Conversat
     return conversation
 
 
-def turn_cost(formatter: ChatFormatter, i: int) -> int:
-    return len(formatter.segment("user", f"question number {i}")) + len(
-        formatter.segment("assistant", f"answer number {i}")
-    )
+def state(conversation: Conversation) -> tuple[str | None, tuple[Turn, ...]]:
+    """Everything undo must bring back, timestamps included (Turn equality compares them)."""
+    return conversation.system, tuple(conversation.turns)
 
 
-def test_everything_fits(formatter):
-    conversation = conversation_with(3)
-    plan = conversation.prepare(formatter, "next", budget=10_000)
-    assert (plan.kept_turns, plan.dropped_turns, plan.truncated) == (3, 0, False)
-    assert plan.num_tokens == plan.system_tokens + sum(plan.turn_tokens) + plan.message_tokens + 3
-    assert formatter.tokenizer.decode(plan.token_ids) == plan.text
+def export(**fields: object) -> dict[str, object]:
+    """A valid export with ``fields`` changed."""
+    data: dict[str, object] = {
+        "format": "qwen-magic-conversation",
+        "version": 1,
+        "system": None,
+        "turns": [{"user": "u", "assistant": "a", "key": None, "interrupted": False}],
+    }
+    data.update(fields)
+    return data
 
 
-@pytest.mark.parametrize(
-    ("turns", "room_for", "kept"),
-    [(5, 5, 5), (5, 4, 4), (5, 1, 1), (5, 0, 0), (1, 0, 0), (0, 0, 0)],
-)
-def test_oldest_whole_turns_go_first(formatter, turns, room_for, kept):
-    conversation = conversation_with(turns)
-    bare = conversation.prepare(formatter, "next", budget=10_000, use_history=False).num_tokens
-    budget = bare + sum(turn_cost(formatter, i) for i in range(turns - room_for, turns))
-    plan = conversation.prepare(formatter, "next", budget=budget)
-    assert plan.kept_turns == kept
-    assert plan.dropped_turns == turns - kept
-    assert [t.user for t in plan.turns] == [
-        f"question number {i}" for i in range(turns - kept, turns)
-    ]
-    assert plan.num_tokens <= budget
-    assert plan.text.startswith("<|im_start|>system\nBe brief.<|im_end|>")
-    assert "<|im_start|>user\nnext<|im_end|>" in plan.text
+# ---------------------------------------------------------------------- turns and keys
 
 
-def test_budget_is_recomputed_not_shrinking(formatter):
-    """The tutorial decremented one shared counter per call until it went negative."""
-    conversation = conversation_with(2)
-    plans = [conversation.prepare(formatter, "same", budget=500) for _ in range(50)]
-    assert {tuple(plan.token_ids) for plan in plans} == {tuple(plans[0].token_ids)}
-    assert plans[-1].kept_turns == 2
+def test_turn_defaults() -> None:
+    turn = Turn(user="u", assistant="a")
+    assert turn.key is None and not turn.interrupted and turn.created
 
 
-def test_long_message_is_cut_with_warning(formatter):
-    conversation = conversation_with(3)
-    message = "word " * 400
-    with pytest.warns(PromptTruncatedWarning, match="only its first"):
-        plan = conversation.prepare(formatter, message, budget=120)
-    assert plan.truncated
-    assert plan.num_tokens <= 120
-    assert plan.kept_turns == 0
-    assert message.startswith(plan.message) and len(plan.message) < len(message)
-    assert plan.text.startswith("<|im_start|>system\nBe brief.")
+def test_turn_is_frozen_so_history_cannot_change_behind_undo() -> None:
+    turn = Turn(user="u", assistant="a")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        turn.assistant = "b"  # type: ignore[misc]
+    assert dataclasses.replace(turn, interrupted=True).interrupted
 
 
-def test_system_prompt_larger_than_budget_is_a_clear_error(formatter):
-    conversation = Conversation(system="long " * 200)
-    with pytest.raises(BudgetError, match="shorten the system prompt"):
-        conversation.prepare(formatter, "hi", budget=50)
-
-
-def test_no_history_sends_only_system_and_message(formatter):
-    plan = conversation_with(4).prepare(formatter, "fresh", budget=10_000, use_history=False)
-    assert plan.kept_turns == 0 and plan.dropped_turns == 0
-    assert "question number" not in plan.text
-
-
-def test_rerunning_a_key_replaces_its_turn_and_drops_later_ones(formatter):
+def test_rerunning_a_key_replaces_its_turn_and_sets_aside_later_ones() -> None:
     conversation = Conversation()
     for key in ("cell-a", "cell-b", "cell-c"):
-        conversation.record(f"from {key}", f"reply {key}", key=key)
-    plan = conversation.prepare(formatter, "from cell-b again", budget=10_000, key="cell-b")
-    assert [t.key for t in plan.turns] == ["cell-a"]
-    conversation.record("from cell-b again", "new reply", key="cell-b")
+        assert conversation.record(f"from {key}", f"reply {key}", key=key).replaced is None
+    assert [t.key for t in conversation.context_turns("cell-b")] == ["cell-a"]
+    assert len(conversation.context_turns("cell-z")) == 3  # an unknown key sees everything
+    recorded = conversation.record("from cell-b again", "new reply", key="cell-b")
+    assert isinstance(recorded, Recorded)
+    assert (recorded.replaced, recorded.set_aside) == (2, 1)
+    assert recorded.turn is conversation.turns[-1]
     assert [(t.key, t.user) for t in conversation.turns] == [
         ("cell-a", "from cell-a"),
         ("cell-b", "from cell-b again"),
     ]
-    conversation.record("brand new", "r", key="cell-d")
+    assert conversation.record("brand new", "r", key="cell-d").set_aside == 0
     assert len(conversation) == 3
 
 
-def test_undo_and_clear():
+def test_from_pairs_and_pairs_round_trip() -> None:
+    pairs = [("q1", "a1"), ("q2", "a2")]
+    conversation = Conversation.from_pairs(pairs, system="s")
+    assert conversation.pairs() == pairs and conversation.system == "s"
+    with pytest.raises(ValueError, match="pairs"):
+        Conversation.from_pairs([("only one",)])
+    with pytest.raises(ValueError, match="pairs"):
+        Conversation.from_pairs(["ab"])
+
+
+# ---------------------------------------------------------------------- undo
+
+
+def test_undo_after_a_new_turn() -> None:
+    conversation = conversation_with(2)
+    before = state(conversation)
+    conversation.record("q", "a")
+    assert conversation.undo() is True
+    assert state(conversation) == before
+
+
+def test_undo_after_clear_brings_every_turn_back() -> None:
     conversation = conversation_with(3)
-    assert conversation.undo().user == "question number 2"
-    assert len(conversation) == 2
-    assert conversation.clear() == 2
-    assert conversation.undo() is None
+    before = state(conversation)
+    assert conversation.clear() == 3
+    assert len(conversation) == 0 and conversation.system == "Be brief."
+    assert conversation.undo() is True
+    assert state(conversation) == before
+
+
+def test_clearing_nothing_is_not_a_change() -> None:
+    conversation = Conversation()
+    assert conversation.clear() == 0
+    assert conversation.undo() is False
+
+
+def test_undo_after_an_import_restores_the_old_conversation() -> None:
+    conversation = conversation_with(2)
+    before = state(conversation)
+    conversation.replace(Conversation(system="imported", turns=[Turn("x", "y")]))
+    assert state(conversation) == ("imported", (conversation.turns[0],))
+    assert conversation.undo() is True
+    assert state(conversation) == before
+
+
+def test_undo_after_set_system() -> None:
+    conversation = conversation_with(1)
+    conversation.set_system("Answer in French.")
+    assert conversation.system == "Answer in French."
+    assert conversation.undo() is True
     assert conversation.system == "Be brief."
+    assert conversation.undo() is True  # the recorded turn
+    assert conversation.undo() is False
 
 
-def test_json_round_trip_is_lossless(tmp_path):
+def test_setting_the_same_system_prompt_is_not_a_change() -> None:
+    conversation = Conversation()
+    conversation.set_system("s")
+    conversation.set_system("s")
+    assert conversation.undo() is True
+    assert conversation.system is None
+    assert conversation.undo() is False
+
+
+def test_one_undo_after_a_rerun_brings_back_the_old_turn_and_the_later_ones() -> None:
+    conversation = Conversation(system="s")
+    for key in ("a", "b", "c", "d"):
+        conversation.record(f"q {key}", f"r {key}", key=key)
+    before = state(conversation)
+    recorded = conversation.record("q b again", "r b again", key="b")
+    assert (recorded.replaced, recorded.set_aside) == (2, 2)
+    assert [t.user for t in conversation.turns] == ["q a", "q b again"]
+    assert conversation.undo() is True
+    assert state(conversation) == before  # the very same turns, timestamps included
+    assert conversation.undo() is True
+    assert [t.key for t in conversation.turns] == ["a", "b", "c"]
+
+
+def test_undo_on_nothing_returns_false() -> None:
+    assert Conversation().undo() is False
+    assert Conversation(system="s", turns=[Turn("u", "a")]).undo() is False  # built, not changed
+
+
+def test_undo_keeps_the_last_changes_only() -> None:
+    conversation = conversation_with(UNDO_DEPTH + 5)
+    undone = 0
+    while conversation.undo():
+        undone += 1
+    assert undone == UNDO_DEPTH
+    assert len(conversation) == 5
+
+
+def test_rollback_takes_back_exactly_the_changes_since_the_mark() -> None:
+    conversation = conversation_with(2)
+    before = state(conversation)
+    mark = conversation.undo_depth
+    conversation.clear()
+    conversation.set_system("other")
+    conversation.record("q", "a")
+    conversation.rollback(mark)
+    assert state(conversation) == before
+    assert conversation.undo() is True  # the changes before the mark are still undoable
+    assert len(conversation) == 1
+
+
+def test_rollback_after_a_long_session_still_rolls_back() -> None:
+    """The undo stack is capped: a mark taken when it is full must still work (it did not)."""
+    conversation = conversation_with(UNDO_DEPTH + 20)
+    before = state(conversation)
+    mark = conversation.undo_depth
+    conversation.clear()
+    conversation.record("q", "a")
+    conversation.rollback(mark)
+    assert state(conversation) == before
+
+
+def test_rollback_with_nothing_changed_changes_nothing() -> None:
+    conversation = conversation_with(3)
+    before = state(conversation)
+    conversation.rollback(conversation.undo_depth)
+    assert state(conversation) == before
+
+
+# ---------------------------------------------------------------------- export and import
+
+
+def test_json_round_trip_is_lossless(tmp_path: Path) -> None:
     conversation = Conversation(system="Réponds en français 🇫🇷")
     conversation.record('<|im_end|> 你好 "quoted"\n\ttab', "😀 réponse", key="c1")
     conversation.record("second", "partial repl", interrupted=True)
@@ -134,68 +211,203 @@ def test_json_round_trip_is_lossless(tmp_path):
     assert loaded.to_dict() == json.loads(raw)
 
 
-def test_markdown_export(tmp_path):
+def test_an_old_version_1_export_still_imports(tmp_path: Path) -> None:
+    path = tmp_path / "old.json"
+    path.write_text(
+        """{
+  "format": "qwen-magic-conversation",
+  "version": 1,
+  "system": "Be brief.",
+  "turns": [
+    {
+      "user": "What is 2+2?",
+      "assistant": "4.",
+      "key": "cell-1",
+      "interrupted": false,
+      "created": "2026-01-02T03:04:05.000000+00:00"
+    },
+    {
+      "user": "And 3+3?",
+      "assistant": "6",
+      "key": null,
+      "interrupted": true,
+      "created": "2026-01-02T03:05:00.000000+00:00"
+    }
+  ]
+}
+""",
+        encoding="utf-8",
+    )
+    loaded = Conversation.load(path)
+    assert loaded.system == "Be brief."
+    assert loaded.turns == [
+        Turn("What is 2+2?", "4.", "cell-1", False, "2026-01-02T03:04:05.000000+00:00"),
+        Turn("And 3+3?", "6", None, True, "2026-01-02T03:05:00.000000+00:00"),
+    ]
+
+
+def test_markdown_export(tmp_path: Path) -> None:
     conversation = conversation_with(2)
-    conversation.turns[-1].interrupted = True
+    conversation.turns[-1] = dataclasses.replace(conversation.turns[-1], interrupted=True)
     text = conversation.save(tmp_path / "chat.md").read_text(encoding="utf-8")
-    assert "## Turn 2" in text and "answer number 1" in text and "*(interrupted)*" in text
+    assert "**2. User**" in text and "answer number 1" in text and INTERRUPTED in text
+    assert "> **System:** Be brief." in text
+    assert text == conversation.to_markdown() + "\n"
+
+
+@pytest.mark.parametrize(
+    ("data", "error"),
+    [
+        ([], "not a qwen-magic conversation"),
+        ({"format": "other", "version": 1, "turns": []}, "not a qwen-magic conversation"),
+        (export(version="1"), "version must be a whole number"),
+        (export(version=None), "version must be a whole number"),
+        (export(version=True), "version must be a whole number"),
+        (export(version=0), "version must be a whole number"),
+        (export(version=1.5), "version must be a whole number"),
+        (export(version=2), "format version 2; upgrade qwen-magic"),
+        ({"format": "qwen-magic-conversation", "version": 1}, "no list of turns"),
+        (export(turns={"user": "u"}), "no list of turns"),
+        (export(turns="u"), "no list of turns"),
+        (export(turns=["u"]), "turn 1 of the export is not an object"),
+        (export(turns=[{"assistant": "a"}]), "turn 1 of the export needs 'user' text"),
+        (export(turns=[{"user": 1, "assistant": "a"}]), "needs 'user' text"),
+        (export(turns=[{"user": "u", "assistant": None}]), "needs 'assistant' text"),
+        (export(turns=[{"user": "u", "assistant": "a"}, {"user": "u"}]), "turn 2 of the"),
+        (export(turns=[{"user": "u", "assistant": "a", "key": 3}]), "key that is not text"),
+        (export(turns=[{"user": "u", "assistant": "a", "interrupted": "no"}]), "true or false"),
+        (export(turns=[{"user": "u", "assistant": "a", "interrupted": 0}]), "true or false"),
+        (export(system=5), "system prompt must be text or null"),
+        (export(system=["s"]), "system prompt must be text or null"),
+    ],
+)
+def test_bad_imports_are_one_line_value_errors(data: object, error: str) -> None:
+    with pytest.raises(ValueError, match=error) as raised:
+        Conversation.from_json(json.dumps(data))
+    assert "\n" not in str(raised.value)
+
+
+def test_a_lone_surrogate_is_refused_at_import() -> None:
+    """JSON can carry half an emoji; no tokenizer takes it and no export could write it."""
+    text = json.dumps(export(turns=[{"user": "\ud83d", "assistant": "a"}]), ensure_ascii=True)
+    with pytest.raises(ValueError, match="needs 'user' text"):
+        Conversation.from_json(text)
+
+
+def test_too_many_turns_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(conversation_module, "MAX_IMPORT_TURNS", 2)
+    turns = [{"user": "u", "assistant": "a"}] * 3
+    with pytest.raises(ValueError, match="3 turns, more than 2"):
+        Conversation.from_dict(export(turns=turns))
+    assert len(Conversation.from_dict(export(turns=turns[:2]))) == 2
+
+
+def test_deeply_nested_json_is_a_value_error_not_a_recursion_error() -> None:
+    with pytest.raises(ValueError, match="nested too deeply") as raised:
+        Conversation.from_json("[" * 100_000)
+    assert not isinstance(raised.value, RecursionError)
 
 
 @pytest.mark.parametrize(
     ("name", "content", "error"),
     [
-        ("chat.txt", "", "use a .json or .md"),
-        ("chat.json", "{not json", "not valid JSON"),
-        ("chat.json", '{"format": "other"}', "not a qwen-magic conversation"),
-        ("chat.md", "# hi", "only .json exports"),
+        ("chat.txt", b"", "use a .json or .md"),
+        ("chat.json", b"{not json", r"chat\.json: not valid JSON \(Expecting"),
+        ("chat.json", b'{"format": "other"}', "not a qwen-magic conversation"),
+        ("chat.md", b"# hi", r"only \.json exports"),
+        ("chat.json", b'{"format": "\xff\xfe"}', r"chat\.json is not UTF-8 text"),
+        ("chat.json", b"[1," * 50_000, "nested too deeply"),
     ],
 )
-def test_bad_import_files_are_clear_errors(tmp_path, name, content, error):
+def test_bad_import_files_are_clear_errors(
+    tmp_path: Path, name: str, content: bytes, error: str
+) -> None:
     path = tmp_path / name
-    path.write_text(content, encoding="utf-8")
-    with pytest.raises(ValueError, match=error):
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=error) as raised:
         if name.endswith(".txt"):
             Conversation().save(path)
         else:
             Conversation.load(path)
+    assert "\n" not in str(raised.value)
 
 
-def test_from_pairs_rejects_malformed_history():
-    with pytest.raises(ValueError, match="pairs"):
-        Conversation.from_pairs([("only one",)])
+def test_a_file_over_the_size_cap_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = conversation_with(3).save(tmp_path / "chat.json")
+    size = path.stat().st_size
+    monkeypatch.setattr(conversation_module, "MAX_IMPORT_BYTES", size)
+    assert len(Conversation.load(path)) == 3  # exactly at the cap is fine
+    monkeypatch.setattr(conversation_module, "MAX_IMPORT_BYTES", size - 1)
+    with pytest.raises(ValueError, match=f"more than {size - 1:,} bytes"):
+        Conversation.load(path)
 
 
-def test_new_turn_encodes_only_new_text(tokenizer):
-    """Formatting turn 201 encodes the new message, not the 200 turns before it."""
-    encoded: list[str] = []
-    original = tokenizer.encode_text
+# ---------------------------------------------------------------------- saving
 
-    def spy(text: str) -> list[int]:
-        encoded.append(text)
-        return original(text)
 
-    formatter = ChatFormatter(tokenizer)
-    conversation = conversation_with(200)
-    conversation.prepare(formatter, "warm-up", budget=100_000)
-    encoded.clear()
-    tokenizer.encode_text = spy
+def test_save_refuses_to_overwrite_without_force(tmp_path: Path) -> None:
+    path = tmp_path / "chat.json"
+    path.write_text("precious", encoding="utf-8")
+    with pytest.raises(FileExistsError, match="--force"):
+        conversation_with(1).save(path)
+    assert path.read_text(encoding="utf-8") == "precious"
+
+
+def test_save_overwrites_with_force(tmp_path: Path) -> None:
+    path = tmp_path / "chat.json"
+    path.write_text("old", encoding="utf-8")
+    conversation_with(2).save(path, force=True)
+    assert len(Conversation.load(path)) == 2
+
+
+def test_save_refuses_a_missing_folder_and_creates_none(tmp_path: Path) -> None:
+    path = tmp_path / "missing" / "chat.json"
+    with pytest.raises(ValueError, match="no folder"):
+        conversation_with(1).save(path)
+    assert not path.parent.exists()
+
+
+def test_save_refuses_a_folder_as_the_target(tmp_path: Path) -> None:
+    folder = tmp_path / "chat.json"
+    folder.mkdir()
+    with pytest.raises(ValueError, match="is a folder"):
+        conversation_with(1).save(folder, force=True)
+
+
+def test_save_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "chat.json"
+    conversation_with(1).save(path)
+    before = path.read_bytes()
+
+    def fail(source: object, target: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        conversation_with(5).save(path, force=True)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chat.json"]  # no temporary file left
+
+
+def test_save_replaces_a_symlink_instead_of_writing_through_it(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere.json"
+    elsewhere.write_text("not yours", encoding="utf-8")
+    link = tmp_path / "chat.json"
+    link.symlink_to(elsewhere)
+    with pytest.raises(FileExistsError):
+        conversation_with(1).save(link)
+    conversation_with(1).save(link, force=True)
+    assert not link.is_symlink()
+    assert elsewhere.read_text(encoding="utf-8") == "not yours"
+    assert len(Conversation.load(link)) == 1
+
+
+def test_saved_file_gets_ordinary_permissions(tmp_path: Path) -> None:
+    previous = os.umask(0o022)
     try:
-        plan = conversation.prepare(formatter, "the new message", budget=100_000)
+        path = conversation_with(1).save(tmp_path / "chat.md")
     finally:
-        del tokenizer.encode_text
-    assert plan.kept_turns == 200
-    assert "the new message" in encoded
-    assert not any("question number" in text or "answer number" in text for text in encoded)
-
-
-def test_qwen3_past_thinking_is_not_resent(formatter):
-    conversation = Conversation()
-    conversation.record("q", "<think>\nsecret reasoning\n</think>\n\nvisible answer")
-    plan = conversation.prepare(formatter, "next", budget=10_000)
-    assert "secret reasoning" not in plan.text and "visible answer" in plan.text
-    assert "secret reasoning" in conversation.turns[0].assistant  # history keeps it
-
-
-def test_turn_defaults():
-    turn = Turn(user="u", assistant="a")
-    assert turn.key is None and not turn.interrupted and turn.created
+        os.umask(previous)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644  # not mkstemp's 0600
