@@ -9,8 +9,6 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from qwen_magic.chat import QwenChat  # light: vLLM is imported only when a model loads
-
 try:
     __version__ = version("qwen-magic")
 except PackageNotFoundError:  # running from a source tree that is not installed
@@ -31,3 +29,13 @@ def unload_ipython_extension(ipython: Any) -> None:
     from qwen_magic.jupyter import unload_ipython_extension as unload
 
     unload(ipython)
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy, so that importing a front-end module (qwen_magic.jupyter.*) does not pull in the API
+    # layer and its backends door: the layer tests check what each module imports.
+    if name == "QwenChat":
+        from qwen_magic.chat import QwenChat
+
+        return QwenChat
+    raise AttributeError(f"module 'qwen_magic' has no attribute {name!r}")

@@ -234,11 +234,11 @@ class QwenPanel(widgets.VBox):
             return {}
         return {"max_tokens": default_max_tokens(info.max_model_len), **info.generation_defaults}
 
-    def _model_facts(self) -> tuple[str | None, int | None, str | None]:
+    def _model_facts(self) -> tuple[str | None, int | None, str | None, str | None]:
         info = self._info()
         if info is None:
-            return None, None, None
-        return info.model, info.max_model_len, info.where
+            return None, None, None, None
+        return info.model, info.max_model_len, info.where, info.version
 
     def _empty_prompt_tokens(self) -> int:
         """Tokens of the shown conversation's prompt with no history and an empty message."""
@@ -267,14 +267,16 @@ class QwenPanel(widgets.VBox):
 
     def refresh(self) -> None:
         """Re-read model, conversation and budget; cheap when nothing changed."""
-        model, max_model_len, device = self._model_facts()
+        model, max_model_len, device, version = self._model_facts()
         # The max_tokens limit depends on the shown conversation's system prompt as well.
         limit = max_tokens_limit(max_model_len, self._empty_prompt_tokens())
         defaults = tuple(sorted(self.model_defaults().items()))
         controls_key = (model, max_model_len, device, defaults, limit)
         if controls_key != self._controls_key:
             self._controls_key = controls_key
-            self.status.value = model_status(model, max_model_len=max_model_len, device=device)
+            self.status.value = model_status(
+                model, max_model_len=max_model_len, device=device, version=version
+            )
             # Unlinked while the range changes, so a clamped value is not sent back; relinking
             # re-syncs what unset controls show (the new model's defaults).
             for link in self._control_links.values():

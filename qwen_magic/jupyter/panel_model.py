@@ -107,9 +107,13 @@ def format_budget(used: int | None, budget: int | None) -> str:
 
 
 def model_status(
-    model: str | None, *, max_model_len: int | None = None, device: str | None = None
+    model: str | None,
+    *,
+    max_model_len: int | None = None,
+    device: str | None = None,
+    version: str | None = None,
 ) -> str:
-    """One line of HTML: which model serves replies, or how to load one."""
+    """One line of HTML: which model serves replies (where, which vLLM), or how to load one."""
     if not model:
         return "<b>No model loaded</b> &mdash; run <code>%qwen_load</code> first."
     details = []
@@ -117,5 +121,7 @@ def model_status(
         details.append(f"context {max_model_len:,} tokens")
     if device:
         details.append(html.escape(str(device)))
+    if version:
+        details.append(html.escape(str(version)))
     suffix = f" ({', '.join(details)})" if details else ""
     return f"<b>Model:</b> <code>{html.escape(str(model))}</code>{suffix}"
