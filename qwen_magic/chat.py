@@ -92,6 +92,8 @@ class QwenChat:
         server: The URL of a running vLLM server (``vllm serve``, with or without ``/v1``);
             the prompt goes there as the same token ids.
         api_key_env: The environment variable holding the server's API key (never shown).
+        serve: Run the model in a vLLM server process started (and stopped) for it, so that
+            interrupts never reach the engine; tensor parallel > 1 implies it.
         progress: Called with loading phase messages.
         verbose: Show vLLM's logs.
         backend: An already started backend to use instead of loading ``model``.
@@ -107,6 +109,7 @@ class QwenChat:
         model: str | None = None,
         *,
         server: str | None = None,
+        serve: bool = False,
         api_key_env: str = "VLLM_API_KEY",
         progress: Callable[[str], None] | None = None,
         verbose: bool = False,
@@ -128,7 +131,9 @@ class QwenChat:
             # Reading tokenizer.json takes a second or two; do it while vLLM starts.
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qwen-tokenizer") as pool:
                 tokenizer = pool.submit(ChatTokenizer.load, path) if local else None
-                backend = open_backend(path, progress=progress, verbose=verbose, **engine_options)
+                backend = open_backend(
+                    path, serve=serve, progress=progress, verbose=verbose, **engine_options
+                )
                 try:
                     self.tokenizer = tokenizer.result() if tokenizer else None
                 except BaseException:

@@ -168,6 +168,7 @@ class ChatSession(_SamplingDefaults):  # type: ignore[misc, valid-type]
         options: dict[str, Any],
         *,
         server: str | None = None,
+        serve: bool = False,
         api_key_env: str = "VLLM_API_KEY",
         progress: Callable[[str], None] | None = None,
         verbose: bool = False,
@@ -176,7 +177,8 @@ class ChatSession(_SamplingDefaults):  # type: ignore[misc, valid-type]
         """Load ``model`` (replacing another); False when it is already loaded as asked.
 
         With ``server``, connect to that vLLM server instead (``model`` then picks one of its
-        models). Options are checked before the loaded model is freed, so a typo keeps it.
+        models); with ``serve``, run the model in a vLLM server process started for it. Options are
+        checked before the loaded model is freed, so a typo keeps it.
 
         Raises:
             BackendError: A wrong option, no such model, or the load failed.
@@ -192,7 +194,7 @@ class ChatSession(_SamplingDefaults):  # type: ignore[misc, valid-type]
             path = resolve_model(model)
             check_options(path, **options)
         settings = tuple(sorted((key, repr(value)) for key, value in options.items()))
-        request = (server, api_key_env, path, settings)
+        request = (server, serve, api_key_env, path, settings)
         if self.bot is not None and request == self.loaded_request and not reload:
             return False
         with self._exclusive():
@@ -202,6 +204,7 @@ class ChatSession(_SamplingDefaults):  # type: ignore[misc, valid-type]
             self.bot = QwenChat(
                 path,
                 server=server,
+                serve=serve,
                 api_key_env=api_key_env,
                 progress=progress,
                 verbose=verbose,

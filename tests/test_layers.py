@@ -31,6 +31,7 @@ FRONT_ENDS = (
     "qwen_magic.jupyter",
     "qwen_magic.jupyter.magics",
     "qwen_magic.jupyter.commands",
+    "qwen_magic.jupyter.loading",
     "qwen_magic.jupyter.output",
     "qwen_magic.jupyter.panel",
 )

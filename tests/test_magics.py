@@ -707,38 +707,6 @@ def test_interrupt_keeps_partial_reply_and_engine_usable(
 
 
 @pytest.mark.engine
-def test_replace_model_then_unload_ext_free_the_engine(
-    ip: InteractiveShell, loaded: QwenMagics, tiny_model: Path, monkeypatch: Any
-) -> None:
-    """Runs last among the engine tests: it ends with a fresh extension and no model."""
-    import qwen_magic.chat
-
-    old = loaded.session.bot
-    seen_closed: list[bool] = []
-    real_init = qwen_magic.chat.QwenChat.__init__
-
-    def spy_init(self: Any, *args: Any, **kwargs: Any) -> None:
-        seen_closed.append(old.engine.closed)  # the old engine must be gone before loading
-        real_init(self, *args, **kwargs)
-
-    monkeypatch.setattr(qwen_magic.chat.QwenChat, "__init__", spy_init)
-    ip.run_line_magic("qwen_load", f"{tiny_model} --max-model-len 256")
-    assert seen_closed == [True]
-    assert loaded.session.bot is not old and loaded.session.bot.engine.max_model_len == 256
-    new = loaded.session.bot
-    ip.run_line_magic("unload_ext", "qwen_magic")
-    assert new.engine.closed
-    ip.run_line_magic("load_ext", "qwen_magic")
-    assert ip.magics_manager.registry["QwenMagics"].session.bot is None
-
-
-def test_json_export_is_valid(magics: QwenMagics, tmp_path: Path, ip: InteractiveShell) -> None:
-    magics.session.conversation().record("ü", "ß")
-    ip.run_line_magic("qwen", f"export {tmp_path / 'c.json'}")
-    assert json.loads((tmp_path / "c.json").read_text())["turns"][0]["user"] == "ü"
-
-
-@pytest.mark.engine
 def test_a_second_request_while_one_runs_is_refused_at_once(
     loaded: QwenMagics, magics: QwenMagics
 ) -> None:
@@ -769,3 +737,35 @@ def test_a_second_request_while_one_runs_is_refused_at_once(
     assert isinstance(outcome.get("error"), SessionBusy) and outcome["seconds"] < 1.0
     assert reply.text == alone  # the first reply is complete, not cut short
     assert [turn.user for turn in session.conversation().turns] == ["Hello"]
+
+
+@pytest.mark.engine
+def test_replace_model_then_unload_ext_free_the_engine(
+    ip: InteractiveShell, loaded: QwenMagics, tiny_model: Path, monkeypatch: Any
+) -> None:
+    """Runs last among the engine tests: it ends with a fresh extension and no model."""
+    import qwen_magic.chat
+
+    old = loaded.session.bot
+    seen_closed: list[bool] = []
+    real_init = qwen_magic.chat.QwenChat.__init__
+
+    def spy_init(self: Any, *args: Any, **kwargs: Any) -> None:
+        seen_closed.append(old.engine.closed)  # the old engine must be gone before loading
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(qwen_magic.chat.QwenChat, "__init__", spy_init)
+    ip.run_line_magic("qwen_load", f"{tiny_model} --max-model-len 256")
+    assert seen_closed == [True]
+    assert loaded.session.bot is not old and loaded.session.bot.engine.max_model_len == 256
+    new = loaded.session.bot
+    ip.run_line_magic("unload_ext", "qwen_magic")
+    assert new.engine.closed
+    ip.run_line_magic("load_ext", "qwen_magic")
+    assert ip.magics_manager.registry["QwenMagics"].session.bot is None
+
+
+def test_json_export_is_valid(magics: QwenMagics, tmp_path: Path, ip: InteractiveShell) -> None:
+    magics.session.conversation().record("ü", "ß")
+    ip.run_line_magic("qwen", f"export {tmp_path / 'c.json'}")
+    assert json.loads((tmp_path / "c.json").read_text())["turns"][0]["user"] == "ü"

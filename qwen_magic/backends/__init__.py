@@ -19,6 +19,7 @@ def open_backend(
     model: str | None,
     *,
     server: str | None = None,
+    serve: bool = False,
     api_key_env: str = "VLLM_API_KEY",
     progress: Callable[[str], None] | None = None,
     verbose: bool = False,
@@ -30,11 +31,17 @@ def open_backend(
         model: A folder, ``.gguf`` file or hub id to load here; with ``server``, which of the
             server's models to use (None: the one it serves).
         server: The URL of a running vLLM server (``vllm serve``) to use instead.
+        serve: Start a vLLM server of our own for ``model`` (stopped on ``close()``) and talk to
+            it over loopback; implied by tensor or pipeline parallel > 1.
         api_key_env: The environment variable holding the server's API key, if it wants one.
         progress: Called with short phase messages while loading.
         verbose: Show the engine's own logs.
         **options: Engine options (:class:`qwen_magic.backends.vllm_options.EngineOptions`).
     """
+    if server is not None and serve:
+        raise BackendError(
+            "serve starts a vLLM server here and server uses one running elsewhere: pick one"
+        )
     if server is not None:
         from qwen_magic.backends.openai_http import ServerBackend
 
@@ -43,11 +50,18 @@ def open_backend(
             progress(f"connecting to {server}")
         api_key = os.environ.get(api_key_env) or None
         return ServerBackend(server, api_key=api_key, api_key_env=api_key_env, model=model)
+    if model is None:
+        raise BackendError("no model given: pass a local folder or a hub id")
+    from qwen_magic.backends.managed_server import needs_own_process, start_managed_server
     from qwen_magic.backends.vllm_local import Engine
     from qwen_magic.backends.vllm_options import EngineOptions
 
-    if model is None:
-        raise BackendError("no model given: pass a local folder or a hub id")
+    # Parallel workers started in-process share the kernel's process group and exit on SIGINT,
+    # so the first Jupyter interrupt would kill them; a server in its own session never sees it.
+    if serve or needs_own_process(options):
+        if not serve and progress is not None:
+            progress("parallel workers run in a vLLM server of their own (safe from interrupts)")
+        return start_managed_server(model, progress=progress, verbose=verbose, **options)
     return Engine(EngineOptions(model=model, **options), progress=progress, verbose=verbose)
 
 

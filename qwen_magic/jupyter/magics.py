@@ -64,7 +64,7 @@ from traitlets import Dict, Enum, TraitError, Unicode, link, validate
 from qwen_magic import render
 from qwen_magic.backends.base import BackendError, forget_exception
 from qwen_magic.backends.vllm_options import is_out_of_memory
-from qwen_magic.jupyter import commands, output
+from qwen_magic.jupyter import commands, loading, output
 from qwen_magic.prompt import BudgetError, MessageTooLongError
 from qwen_magic.sampling import SAMPLING_SETTINGS, SETTINGS, config_traits
 from qwen_magic.sampling import validate as validate_sampling
@@ -232,56 +232,16 @@ class QwenMagics(_SamplingConfig):  # type: ignore[misc, valid-type]
     @argument("--kv-cache-gib", type=float, help="KV cache size (CPU default: up to 4 GiB)")
     @argument("--server", metavar="URL", help="use the vLLM server at URL (vllm serve) instead")
     @argument("--local", action="store_true", help="load here even if QwenMagics.server is set")
+    @argument("--serve", action="store_true",
+              help="run the model in a vLLM server this kernel starts and stops (interrupts "
+              "never reach it); implied by --tensor-parallel-size > 1")  # fmt: skip
     @argument("--api-key-env", metavar="NAME", help="env variable with the server's API key")
     @argument("--reload", action="store_true", help="load again even if already loaded")
     @argument("--verbose", action="store_true", help="show the engine's own logs")
     @line_magic
     def qwen_load(self, line: str) -> None:
         """Load a Qwen model into this kernel (replacing any other model)."""
-        args = parse(self.qwen_load.parser, line)
-        if args.server and args.local:
-            raise UsageError("--server and --local contradict each other: give one")
-        server = None if args.local else (args.server or self.server)
-        flags = {"model_name", "reload", "verbose", "server", "local", "api_key_env"}
-        given = {k: v for k, v in vars(args).items() if k not in flags and v is not None}
-        if server is None:  # QwenMagics.engine_options are defaults for loading here
-            model_name = args.model_name or self.model
-            options = {**self.engine_options, **given}
-        else:  # the server's model (None: the one it serves); its options are the server's
-            model_name, options = args.model_name, given
-        progress = output.LoadProgress(model_name or server, notebook=self.notebook)
-        from qwen_magic.models import ModelFetchError
-
-        try:
-            loaded = self.session.load(
-                model_name,
-                options,
-                server=server,
-                api_key_env=args.api_key_env or self.api_key_env,
-                progress=progress,
-                verbose=args.verbose,
-                reload=args.reload,
-            )
-        except KeyboardInterrupt:
-            progress.failed("interrupted")
-            raise
-        except Exception as error:
-            progress.failed()
-            forget_exception(error)
-            if isinstance(error, (BackendError, ModelFetchError)):  # one line that says what to do
-                raise UsageError(str(error)) from None
-            if is_out_of_memory(error):
-                raise UsageError(render.OUT_OF_MEMORY.format(action="loading")) from None
-            if args.verbose:
-                raise
-            raise UsageError(render.load_failed(model_name, error)) from None
-        if not loaded:
-            progress._end(None)
-            name = Path(self.session.bot.backend.info.model).name
-            self._notice(f"{name} is already loaded (use --reload to load it again)")
-            return
-        info = self.session.bot.backend.info
-        progress.done(f"loaded {info.model} on {info.where}, {info.max_model_len} tokens")
+        loading.load(self, parse(self.qwen_load.parser, line))
 
     @line_magic
     def qwen_unload(self, line: str) -> None:
@@ -295,21 +255,7 @@ class QwenMagics(_SamplingConfig):  # type: ignore[misc, valid-type]
     @line_magic
     def qwen_status(self, line: str) -> None:
         """Show the model, device, context length, memory and conversations."""
-        facts = None
-        bot = self.session.bot
-        if bot is not None:
-            info = bot.backend.info
-            facts = {
-                "model": info.model,
-                "runs on": info.where,
-                "context length": info.max_model_len,
-                **bot.backend.status(),
-                "serving": info.version,
-                "model sampling defaults": info.generation_defaults or "none",
-                "%config overrides": self.session.sampling_defaults() or "none",
-            }
-        markdown = render.status_markdown(facts, self.session.conversations)
-        output.show(render.mime_bundle(markdown))
+        loading.show_status(self.session)
 
     # ------------------------------------------------------------------ chatting
 

@@ -118,6 +118,10 @@ class LoadProgress:
             with self._lock:
                 self.output.set(mime_bundle(text))
 
+    def stop(self) -> None:
+        """Stop the ticker and leave the line as it is (nothing was loaded after all)."""
+        self._end(None)
+
     def done(self, summary: str) -> None:
         self._end(f"✅ {summary} in {self.elapsed():.1f} s")
 
