@@ -10,33 +10,65 @@ Qwen chat models were trained on ChatML::
 
 The prompt is built segment by segment, as Qwen's own ``make_context`` does: the control tokens
 ``<|im_start|>`` / ``<|im_end|>`` are inserted by id, and every piece of text (role, content) is
-encoded as *plain text*. Text a user types that looks like a control token (``<|im_end|>``,
-``<|endoftext|>``) therefore stays ordinary text and can never end a turn or open a new one.
+encoded as *plain text*. Text a user types that looks like a control or markup token
+(``<|im_end|>``, ``<|endoftext|>``, and Qwen3's ``<think>``, ``</think>``, ``<tool_call>``,
+``<tool_response>``, which are added tokens *not* marked special) therefore stays ordinary text and
+can never end a turn, open a new one, or open or close a think block. Only what the chat template
+itself writes (its empty think block, re-sent reasoning) uses those tokens.
 
-For ordinary inputs the ids equal the model's own ``apply_chat_template``. One deliberate
-difference: content that *starts* with a line break is encoded on its own, so the ``\\n`` after the
-role is never merged with it into one token (the template's whole-text encoding would merge them).
-Keeping the boundary is what Qwen's ``make_context`` does and keeps every segment's ids cacheable.
+For ordinary inputs the ids equal the model's own ``apply_chat_template``. Deliberate differences:
 
-This module imports neither vLLM nor IPython, nor any other module of this package (a leaf); it
-needs ``tokenizers``, ``jinja2`` to read a model's chat template, and ``tiktoken`` only for
-Qwen(1)'s ``qwen.tiktoken``.
+- content that *starts* with a line break is encoded on its own, so the ``\\n`` after the role is
+  never merged with it into one token (the template's whole-text encoding would merge them).
+  Keeping the boundary is what Qwen's ``make_context`` does and keeps every segment's ids cacheable;
+- markup typed in content (above) is text here, real tokens there;
+- every user message counts as a query (Qwen3's template does not count a user message that is
+  one ``<tool_response>`` block; typed tool tags are text here, so it is no tool result).
+
+This module imports neither vLLM nor IPython, and of this package only ``qwen_magic.template``
+(how a chat template differs from bare ChatML; a leaf); it needs ``tokenizers``, ``jinja2`` to
+read a model's chat template, and ``tiktoken`` only for Qwen(1)'s ``qwen.tiktoken``.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import unicodedata
 from collections import OrderedDict
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-IM_START = "<|im_start|>"
-IM_END = "<|im_end|>"
-ENDOFTEXT = "<|endoftext|>"
+from qwen_magic.template import (
+    ENDOFTEXT,
+    IM_END,
+    IM_START,
+    THINK_END,
+    THINK_START,
+    PromptBlock,
+    TemplateProfile,
+)
+
+__all__ = [
+    "ENDOFTEXT",
+    "IM_END",
+    "IM_START",
+    "SEED_SYSTEM",
+    "THINK_END",
+    "THINK_START",
+    "ChatFormatter",
+    "ChatMLError",
+    "ChatTokenizer",
+    "PromptBlock",
+    "TemplateProfile",
+]
+
 SEED_SYSTEM = "You are a helpful assistant."
+
+# (role, content) or (role, content, reasoning): an assistant message may carry its reasoning
+# apart from the answer, as ``reasoning_content`` does for Hugging Face chat templates.
+Message = tuple[str, str] | tuple[str, str, str | None]
 
 # Qwen(1)'s tiktoken pre-tokenizer and special tokens (Qwen-7B-Chat tokenization_qwen.py).
 _QWEN1_PATTERN = (
@@ -45,86 +77,20 @@ _QWEN1_PATTERN = (
 )
 _QWEN1_SPECIALS = (ENDOFTEXT, IM_START, IM_END, *(f"<|extra_{i}|>" for i in range(205)))
 
-_PROBE = "\x00probe\x00"
+# An added token that reads like markup (<think>, </tool_call>, <|fim_prefix|>): typed, it is text.
+_MARKUP = re.compile(r"<[^<>\s]+>")
 
 
 class ChatMLError(ValueError):
     """A tokenizer or template that cannot express ChatML."""
 
 
-@dataclass(frozen=True)
-class TemplateProfile:
-    """How a model's chat template differs from bare ChatML, found by rendering it.
-
-    Attributes:
-        default_system: System prompt the template inserts when none is given (Qwen2.5's
-            "You are Qwen, ..."); None when it inserts none (Qwen3).
-        thinking_suffix: Text after ``<|im_start|>assistant\\n`` with enable_thinking=False
-            (Qwen3: an empty think block); "" when the template has no thinking switch.
-        strips_past_thinking: Whether past assistant turns lose their ``<think>`` block.
-    """
-
-    default_system: str | None = None
-    thinking_suffix: str = ""
-    strips_past_thinking: bool = False
-
-    @classmethod
-    def from_template(cls, template: str | None) -> TemplateProfile:
-        """Render ``template`` on probe conversations and read off its ChatML conventions."""
-        if not template or IM_START not in template:
-            return cls()
-        import jinja2.sandbox
-
-        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.filters["tojson"] = json.dumps
-        try:
-            compiled = env.from_string(template)
-        except Exception:  # a template that does not even compile loses only these refinements
-            return cls()
-
-        def render(messages: list[dict[str, str]], **kwargs: Any) -> str:
-            return compiled.render(messages=messages, bos_token="", eos_token="", **kwargs)
-
-        return cls.from_render(render)
-
-    @classmethod
-    def from_render(cls, render: Any) -> TemplateProfile:
-        """Read the conventions off a function that renders the chat template (here or on a
-        server): ``render(messages, add_generation_prompt=..., [enable_thinking=...])``."""
-        user = [{"role": "user", "content": _PROBE}]
-        try:
-            bare = render(user, add_generation_prompt=False)
-            thinking_off = render(user, add_generation_prompt=True, enable_thinking=False)
-            past = render(
-                [
-                    {"role": "user", "content": "a"},
-                    {"role": "assistant", "content": "<think>\nR\n</think>\n\nA"},
-                    {"role": "user", "content": "b"},
-                ],
-                add_generation_prompt=False,
-            )
-        except Exception:  # best effort: an odd template only loses these refinements
-            return cls()
-        system_head = f"{IM_START}system\n"
-        default_system = None
-        if bare.startswith(system_head) and IM_END in bare:
-            default_system = bare[len(system_head) : bare.index(IM_END)]
-        # What add_generation_prompt appends, past "<|im_start|>assistant\n" (a template
-        # without a generation-prompt branch appends nothing).
-        assistant_head = f"{IM_START}assistant\n"
-        generation = thinking_off[len(bare) :] if thinking_off.startswith(bare) else ""
-        suffix = generation[len(assistant_head) :] if generation.startswith(assistant_head) else ""
-        return cls(
-            default_system=default_system,
-            thinking_suffix=suffix,
-            strips_past_thinking=f"{IM_START}assistant\nA{IM_END}" in past,
-        )
-
-
 class ChatTokenizer:
     """A real tokenizer seen through ChatML: plain-text encoding plus the control-token ids.
 
-    Use :meth:`load`. ``encode_text`` never produces a special token, whatever the text says.
+    Use :meth:`load`. ``encode_text`` never produces a control or markup token (``<|im_end|>``,
+    ``<think>``), whatever the text says; ``encode_template_text`` is for what the chat template
+    itself writes.
     """
 
     def __init__(
@@ -146,6 +112,8 @@ class ChatTokenizer:
         self.im_start_id: int | None = token_ids.get(IM_START)
         self.im_end_id: int | None = token_ids.get(IM_END)
         self.endoftext_id = token_ids.get(ENDOFTEXT)
+        self.think_start_id: int | None = token_ids.get(THINK_START)
+        self.think_end_id: int | None = token_ids.get(THINK_END)
         self.stop_token_ids = [
             token_id
             for token_id in (self.im_end_id, self.endoftext_id, self.im_start_id)
@@ -232,6 +200,7 @@ class ChatTokenizer:
 
         plain = Tokenizer.from_str(serialized)
         plain.encode_special_tokens = True  # "<|im_end|>" typed as text stays text
+        _treat_markup_as_special(plain)  # ... and so do "<think>", "<tool_call>" (not special)
         trusted: list[Tokenizer] = []  # built on first use: only Qwen3's think block needs it
 
         def encode_template(text: str) -> list[int]:
@@ -241,7 +210,7 @@ class ChatTokenizer:
 
         token_ids = {
             token: token_id
-            for token in (IM_START, IM_END, ENDOFTEXT)
+            for token in (IM_START, IM_END, ENDOFTEXT, THINK_START, THINK_END)
             if (token_id := plain.token_to_id(token)) is not None
         }
         return cls(
@@ -287,12 +256,36 @@ class ChatTokenizer:
         )
 
     def encode_text(self, text: str) -> list[int]:
-        """Encode ``text`` as plain text: special-token look-alikes become ordinary tokens."""
+        """Encode ``text`` as plain text: control and markup look-alikes become ordinary tokens."""
         return list(self._encode_plain(text))
 
     def encode_template_text(self, text: str) -> list[int]:
         """Encode trusted template text (a thinking block), where added tokens are parsed."""
         return list(self._encode_template(text))
+
+    def encode_around_template(self, pieces: Sequence[tuple[str, bool]]) -> list[int]:
+        """Encode ``(text, from_template)`` pieces as the template's whole rendered text is
+        encoded, except that only the added tokens *the template wrote* are tokens.
+
+        The text between two template-written tokens is encoded in one piece, as a tokenizer
+        does between added tokens, so ``<think>\\n`` + reasoning gives the ids of the whole.
+        """
+        ids: list[int] = []
+        text: list[str] = []
+        for piece, from_template in pieces:
+            if not from_template:
+                text.append(piece)
+                continue
+            start = 0
+            for match in _MARKUP.finditer(piece):
+                token_ids = self.encode_template_text(match.group())
+                if len(token_ids) != 1 or token_ids == self.encode_text(match.group()):
+                    continue  # markup-like text, but not an added token: stays in the text
+                text.append(piece[start : match.start()])
+                ids += self.encode_text("".join(text)) + token_ids
+                text, start = [], match.end()
+            text.append(piece[start:])
+        return ids + self.encode_text("".join(text))
 
     def decode(self, ids: Sequence[int]) -> str:
         """Decode ids to text, control tokens included (for showing what the model saw)."""
@@ -300,6 +293,27 @@ class ChatTokenizer:
 
     def __repr__(self) -> str:
         return f"ChatTokenizer({self.name!r})"
+
+
+def _treat_markup_as_special(tokenizer: Any) -> None:
+    """Mark the added tokens that read like markup special, so that ``encode_special_tokens``
+    keeps them as text too. Added tokens that are ordinary words keep their ids."""
+    from tokenizers import AddedToken
+
+    tokenizer.add_special_tokens(
+        [
+            AddedToken(
+                token.content,
+                single_word=token.single_word,
+                lstrip=token.lstrip,
+                rstrip=token.rstrip,
+                normalized=token.normalized,
+                special=True,
+            )
+            for token in tokenizer.get_added_tokens_decoder().values()
+            if not token.special and _MARKUP.fullmatch(token.content)
+        ]
+    )
 
 
 class ChatFormatter:
@@ -312,42 +326,58 @@ class ChatFormatter:
     def __init__(self, tokenizer: ChatTokenizer | Any, *, cache_size: int = 4096) -> None:
         self.tokenizer = ChatTokenizer.load(tokenizer)
         self.tokenizer.require_chatml()
-        self._cache: OrderedDict[tuple[str, str], tuple[int, ...]] = OrderedDict()
+        # (role, content, None) for a plain segment; ("assistant", answer, reasoning) for a
+        # reply whose reasoning the template writes again.
+        self._cache: OrderedDict[tuple[str, str, str | None], tuple[int, ...]] = OrderedDict()
         self._cache_size = cache_size
 
     @property
     def default_system(self) -> str | None:
         return self.tokenizer.default_system
 
+    @property
+    def profile(self) -> TemplateProfile:
+        return self.tokenizer.profile
+
     def segment(self, role: str, content: str) -> tuple[int, ...]:
         """Ids of ``<|im_start|>role\\ncontent<|im_end|>\\n``, from the cache when possible."""
-        key = (role, content)
+        return self._cached((role, content, None), lambda: self._encode_segment(role, content))
+
+    def _cached(
+        self, key: tuple[str, str, str | None], encode: Callable[[], Sequence[int]]
+    ) -> tuple[int, ...]:
         ids = self._cache.get(key)
         if ids is None:
-            ids = self._encode_segment(role, content)
-            self.remember(role, content, ids)
+            ids = tuple(encode())
+            self._store(key, ids)
         else:
             self._cache.move_to_end(key)
         return ids
 
+    def _store(self, key: tuple[str, str, str | None], ids: Sequence[int]) -> None:
+        self._cache[key] = tuple(ids)
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+
     def encode_uncached(self, role: str, content: str) -> list[int]:
         """Like :meth:`segment`, but a new segment is not cached (text that may be refused)."""
-        cached = self._cache.get((role, content))
+        cached = self._cache.get((role, content, None))
         return list(cached if cached is not None else self._encode_segment(role, content))
 
     def remember(self, role: str, content: str, ids: Sequence[int]) -> None:
         """Cache the ids of a segment encoded with :meth:`encode_uncached`."""
-        self._cache[(role, content)] = tuple(ids)
-        if len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
+        self._store((role, content, None), ids)
 
     def _encode_segment(self, role: str, content: str) -> tuple[int, ...]:
+        return self._wrap(role, self.tokenizer.encode_text(content))
+
+    def _wrap(self, role: str, content_ids: Sequence[int]) -> tuple[int, ...]:
         tokenizer = self.tokenizer
         return (
             tokenizer.im_start_id,
             *tokenizer.encode_text(role),
             *tokenizer.newline_ids,
-            *tokenizer.encode_text(content),
+            *content_ids,
             tokenizer.im_end_id,
             *tokenizer.newline_ids,
         )
@@ -356,9 +386,9 @@ class ChatFormatter:
         return f"{IM_START}{role}\n{content}{IM_END}\n"
 
     def generation_prompt(self, *, enable_thinking: bool | None = None) -> tuple[str, list[int]]:
-        """``<|im_start|>assistant\\n`` plus, with enable_thinking=False, the template's empty
-        think block (Qwen3)."""
-        suffix = self.tokenizer.profile.thinking_suffix if enable_thinking is False else ""
+        """``<|im_start|>assistant\\n`` plus what the template adds for ``enable_thinking``:
+        Qwen3's empty think block when False, an opened ``<think>`` for templates that open it."""
+        suffix = self.profile.suffix(enable_thinking)
         tokenizer = self.tokenizer
         ids = [
             tokenizer.im_start_id,
@@ -369,35 +399,84 @@ class ChatFormatter:
         return f"{IM_START}assistant\n{suffix}", ids
 
     def past_reply(self, content: str) -> str:
-        """A past assistant reply as the template shows it again (Qwen3 drops its thinking)."""
-        if self.tokenizer.profile.strips_past_thinking and "</think>" in content:
-            return content.split("</think>")[-1].lstrip("\n")
+        """A past reply's *text* as the template shows it before the last user message (Qwen3
+        drops a ``<think>`` block in it); for replies stored without their reasoning apart."""
+        if self.profile.strips_past_thinking and THINK_END in content:
+            return content.split(THINK_END)[-1].lstrip("\n")
         return content
+
+    def past_turn(
+        self,
+        answer: str,
+        reasoning: str | None = None,
+        *,
+        after_last_user: bool = False,
+        last: bool = False,
+    ) -> tuple[str, tuple[int, ...]]:
+        """A past assistant turn as the template shows it again: text and ids.
+
+        Args:
+            answer: The reply without its reasoning (or, with ``reasoning`` None, a reply
+                whose text may hold its ``<think>`` block, split as the template splits it).
+            reasoning: The reply's reasoning, kept apart (``reasoning_content``).
+            after_last_user: The turn comes after the last user message (a trailing assistant
+                message); Qwen3 shows reasoning only there.
+            last: It is the last message; Qwen3 then writes a think block even when empty.
+        """
+        profile = self.profile
+        if reasoning is None and profile.strips_past_thinking and THINK_END in answer:
+            parts = answer.split(THINK_END)  # exactly as Qwen3's template splits it
+            reasoning = parts[0].rstrip("\n").split(THINK_START)[-1].lstrip("\n")
+            answer = parts[-1].lstrip("\n")
+        keep = (
+            profile.keeps_reasoning_after_last_user if after_last_user else profile.keeps_reasoning
+        )
+        if not keep or not (reasoning or last):
+            return self.segment_text("assistant", answer), self.segment("assistant", answer)
+        reasoning, answer = (reasoning or "").strip("\n"), answer.lstrip("\n")
+        opening, closing = profile.reasoning_open, profile.reasoning_close
+        pieces = [(opening, True), (reasoning, False), (closing, True), (answer, False)]
+        ids = self._cached(
+            ("assistant", answer, reasoning),
+            lambda: self._wrap("assistant", self.tokenizer.encode_around_template(pieces)),
+        )
+        return self.segment_text("assistant", "".join(text for text, _ in pieces)), ids
 
     def format(
         self,
-        messages: Sequence[tuple[str, str]],
+        messages: Sequence[Message],
         *,
         add_generation_prompt: bool = True,
         enable_thinking: bool | None = None,
     ) -> tuple[str, list[int]]:
-        """Format (role, content) messages as ChatML.
+        """Format messages as ChatML.
 
         Args:
-            messages: (role, content) pairs in order; assistant replies are shown as the model's
-                template would show a past reply.
+            messages: (role, content) pairs in order, or (role, content, reasoning) for an
+                assistant reply whose reasoning is kept apart; assistant replies are shown as
+                the model's template shows a past reply (see :meth:`past_turn`).
             add_generation_prompt: End with ``<|im_start|>assistant\\n`` so the model replies.
             enable_thinking: Qwen3's switch; False appends its empty think block.
 
         Returns:
             The ChatML text and its token ids.
         """
+        last_user = max((i for i, message in enumerate(messages) if message[0] == "user"),
+                        default=-1)  # fmt: skip
         texts: list[str] = []
         ids: list[int] = []
-        for role, content in messages:
-            shown = self.past_reply(content) if role == "assistant" else content
-            texts.append(self.segment_text(role, shown))
-            ids.extend(self.segment(role, shown))
+        for index, (role, content, *reasoning) in enumerate(messages):
+            if role == "assistant":
+                text, segment_ids = self.past_turn(
+                    content,
+                    reasoning[0] if reasoning else None,
+                    after_last_user=index > last_user,
+                    last=index == len(messages) - 1,
+                )
+            else:
+                text, segment_ids = self.segment_text(role, content), self.segment(role, content)
+            texts.append(text)
+            ids.extend(segment_ids)
         if add_generation_prompt:
             text, prompt_ids = self.generation_prompt(enable_thinking=enable_thinking)
             texts.append(text)

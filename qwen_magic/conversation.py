@@ -10,9 +10,16 @@ state back), so nothing a user did is ever silently lost:
 - :meth:`~Conversation.clear`, :meth:`~Conversation.replace` (an import) and
   :meth:`~Conversation.set_system` are undoable the same way.
 
+A turn of a thinking model keeps its reasoning apart from the answer (:attr:`Turn.reasoning`):
+the answer is what the history shows and re-sends; the prompt re-sends the reasoning only where
+the model's chat template would (:meth:`qwen_magic.chatml.ChatFormatter.past_turn`).
+
 Exports are JSON (lossless, :meth:`Conversation.load` reads them back) or Markdown (for reading).
 They are written atomically and never overwrite a file unless asked to. Imports are validated
-field by field and capped in size; a bad file is one readable ``ValueError``.
+field by field and capped in size; a bad file is one readable ``ValueError``. Format version 2
+added ``reasoning``; a version 1 export still imports, a reply that starts with a ``<think>``
+block being split as the reasoning splitter splits a stream
+(:func:`qwen_magic.reasoning.split_reasoning_text`).
 
 Pure Python: no vLLM, IPython or ipywidgets import.
 """
@@ -30,10 +37,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from qwen_magic.reasoning import split_reasoning_text
+
 __all__ = ["FORMAT_VERSION", "Conversation", "Recorded", "Turn"]
 
 FORMAT = "qwen-magic-conversation"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: turns carry "reasoning"; version 1 still imports
 MAX_IMPORT_BYTES = 50 * 1024**2  # a bigger file is refused before it is read
 MAX_IMPORT_TURNS = 100_000
 UNDO_DEPTH = 100
@@ -49,10 +58,12 @@ class Turn:
 
     Attributes:
         user: The user's message.
-        assistant: The model's reply (partial when ``interrupted``).
+        assistant: The model's answer, without its reasoning (partial when ``interrupted``;
+            empty when the reply stopped while thinking).
         key: Where the turn came from (a notebook cell); recording that key again replaces it.
         interrupted: The reply was cut short by an interrupt or an error.
         created: ISO timestamp, for exports.
+        reasoning: The reply's think block, kept apart from the answer; None when it had none.
     """
 
     user: str
@@ -60,6 +71,7 @@ class Turn:
     key: str | None = None
     interrupted: bool = False
     created: str = field(default_factory=_now)
+    reasoning: str | None = None
 
 
 @dataclass(frozen=True)
@@ -153,12 +165,28 @@ class Conversation:
         self._changes += 1
 
     def record(
-        self, message: str, reply: str, *, key: str | None = None, interrupted: bool = False
+        self,
+        message: str,
+        reply: str,
+        *,
+        key: str | None = None,
+        interrupted: bool = False,
+        reasoning: str | None = None,
     ) -> Recorded:
-        """Add a turn. A turn with the same ``key`` is replaced and the later ones set aside."""
+        """Add a turn. A turn with the same ``key`` is replaced and the later ones set aside.
+
+        Args:
+            message: The user's message.
+            reply: The answer, without its reasoning.
+            key: See :attr:`Turn.key`.
+            interrupted: See :attr:`Turn.interrupted`.
+            reasoning: The reply's reasoning, kept apart (None: it had no think block).
+        """
         self._remember()
         index = self._index_of(key)
-        turn = Turn(user=message, assistant=reply, key=key, interrupted=interrupted)
+        turn = Turn(
+            user=message, assistant=reply, key=key, interrupted=interrupted, reasoning=reasoning
+        )
         if index is None:
             self.turns.append(turn)
             return Recorded(turn)
@@ -227,8 +255,8 @@ class Conversation:
             raise ValueError("the export has no list of turns ('turns')")
         if len(items) > MAX_IMPORT_TURNS:
             raise ValueError(f"the export has {len(items):,} turns, more than {MAX_IMPORT_TURNS:,}")
-        return cls(system=system, turns=[_turn_from(item, number) for number, item in
-                                         enumerate(items, start=1)])  # fmt: skip
+        turns = [_turn_from(item, number, version) for number, item in enumerate(items, start=1)]
+        return cls(system=system, turns=turns)
 
     def to_json(self) -> str:
         """Lossless JSON (unicode kept as is, so exports stay readable)."""
@@ -304,8 +332,8 @@ def _is_text(value: Any) -> bool:
     return True
 
 
-def _turn_from(item: Any, number: int) -> Turn:
-    """One validated turn of an export."""
+def _turn_from(item: Any, number: int, version: int) -> Turn:
+    """One validated turn of an export (of format ``version``)."""
     if not isinstance(item, dict):
         raise ValueError(f"turn {number} of the export is not an object")
     for name in ("user", "assistant"):
@@ -316,8 +344,13 @@ def _turn_from(item: Any, number: int) -> Turn:
         raise ValueError(f"turn {number} of the export has a key that is not text: {key!r}")
     if not isinstance(interrupted, bool):
         raise ValueError(f"turn {number}'s 'interrupted' must be true or false")
+    answer, reasoning = item["assistant"], item.get("reasoning")
+    if reasoning is not None and not _is_text(reasoning):
+        raise ValueError(f"turn {number}'s 'reasoning' must be text or null")
+    if version == 1 and reasoning is None:  # the reply was kept whole, think block and all
+        reasoning, answer = split_reasoning_text(answer)
     created = item.get("created")
-    fields = {"user": item["user"], "assistant": item["assistant"], "key": key}
+    fields = {"user": item["user"], "assistant": answer, "key": key, "reasoning": reasoning}
     turn = Turn(interrupted=interrupted, **fields)
     return turn if not isinstance(created, str) else replace(turn, created=created)
 

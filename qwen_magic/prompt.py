@@ -6,6 +6,10 @@ within a budget that the caller recomputes on every call (the context length min
 
 - the system prompt and the new message are never dropped;
 - the oldest whole turns go first;
+- a past turn's reasoning (:attr:`Turn.reasoning <qwen_magic.conversation.Turn.reasoning>`) is
+  sent again only where the model's chat template would send it (Qwen3: never, as every past
+  turn comes before the new user message), so its ids equal ``apply_chat_template``'s with
+  ``reasoning_content``;
 - a new message that alone exceeds the budget is refused (``on_overflow="error"``, what the
   front-ends use, so the history stays as it was) or cut to fit with a
   :class:`PromptTruncatedWarning` (``on_overflow="truncate"``, the tutorial's behaviour).
@@ -47,6 +51,8 @@ class MessageTooLongError(BudgetError):
 
 
 class _TurnLike(Protocol):
+    """A past turn; a ``reasoning`` attribute (str or None), when it has one, is its reasoning."""
+
     user: str
     assistant: str
 
@@ -91,11 +97,13 @@ def fit_prompt(
     Args:
         formatter: Encodes segments (and caches them).
         system: The system prompt; None uses the model template's default (possibly none).
-        turns: Past turns, oldest first (anything with ``user`` and ``assistant``).
+        turns: Past turns, oldest first (anything with ``user`` and ``assistant``, and
+            optionally ``reasoning``).
         message: The new user message.
         budget: Most prompt tokens allowed: context length minus the reply's max_tokens.
         on_overflow: What to do with a message that alone does not fit.
-        enable_thinking: Qwen3's switch, passed to the generation prompt.
+        enable_thinking: The thinking switch, passed to the generation prompt (None: the
+            template's default).
 
     Raises:
         BudgetError: The system prompt and generation prompt leave no room for a message.
@@ -121,24 +129,23 @@ def fit_prompt(
     remaining = budget - fixed - len(message_ids)
     kept: list[Any] = []
     kept_ids: list[list[int]] = []
+    kept_texts: list[str] = []
     for turn in reversed(turns):
-        ids = [
-            *formatter.segment("user", turn.user),
-            *formatter.segment("assistant", formatter.past_reply(turn.assistant)),
-        ]
+        reply_text, reply_ids = formatter.past_turn(
+            turn.assistant, getattr(turn, "reasoning", None)
+        )
+        ids = [*formatter.segment("user", turn.user), *reply_ids]
         if len(ids) > remaining:
             break
         remaining -= len(ids)
         kept.append(turn)
         kept_ids.append(ids)
+        kept_texts.append(formatter.segment_text("user", turn.user) + reply_text)
     kept.reverse()
     kept_ids.reverse()
+    kept_texts.reverse()
 
-    texts = [system_text]
-    for turn in kept:
-        texts.append(formatter.segment_text("user", turn.user))
-        texts.append(formatter.segment_text("assistant", formatter.past_reply(turn.assistant)))
-    texts += [formatter.segment_text("user", message), prompt_text]
+    texts = [system_text, *kept_texts, formatter.segment_text("user", message), prompt_text]
     token_ids = [*system_ids]
     for ids in kept_ids:
         token_ids.extend(ids)

@@ -45,6 +45,21 @@ def export(**fields: object) -> dict[str, object]:
 def test_turn_defaults() -> None:
     turn = Turn(user="u", assistant="a")
     assert turn.key is None and not turn.interrupted and turn.created
+    assert turn.reasoning is None
+
+
+def test_record_keeps_the_reasoning_apart_from_the_answer() -> None:
+    conversation = conversation_with(1)
+    before = state(conversation)
+    recorded = conversation.record("q", "The answer.", key="k", reasoning="Because.")
+    turn = conversation.turns[-1]
+    assert recorded.turn is turn
+    assert (turn.assistant, turn.reasoning, turn.key) == ("The answer.", "Because.", "k")
+    assert conversation.pairs()[-1] == ("q", "The answer.")  # the answer only
+    stopped = conversation.record("q", "", key="k", reasoning="half", interrupted=True)
+    assert (stopped.replaced, conversation.turns[-1].reasoning) == (2, "half")
+    assert conversation.undo() and conversation.turns[-1].reasoning == "Because."
+    assert conversation.undo() and state(conversation) == before
 
 
 def test_turn_is_frozen_so_history_cannot_change_behind_undo() -> None:
@@ -246,6 +261,40 @@ def test_an_old_version_1_export_still_imports(tmp_path: Path) -> None:
     ]
 
 
+def test_reasoning_round_trips_in_a_version_2_export(tmp_path: Path) -> None:
+    conversation = Conversation(system="s")
+    conversation.record("q1", "A1 </think> quoted", reasoning="R1 <think>\n 😀")
+    conversation.record("q2", "", reasoning="stopped", interrupted=True)
+    conversation.record("q3", "<think>\nnot reasoning\n</think>\n\nA3")  # a model without it
+    conversation.record("q4", "A4", reasoning="")
+    path = conversation.save(tmp_path / "chat.json")
+    data = json.loads(path.read_text(encoding="utf-8"))
+    assert data["version"] == 2 == conversation_module.FORMAT_VERSION
+    assert [turn["reasoning"] for turn in data["turns"]] == ["R1 <think>\n 😀", "stopped", None, ""]
+    loaded = Conversation.load(path)
+    assert loaded.turns == conversation.turns  # version 2 text is never split again
+
+
+@pytest.mark.parametrize(
+    ("assistant", "reasoning", "answer"),
+    [
+        ("<think>\nLet me add.\n</think>\n\n4.", "Let me add.", "4."),
+        ("<think>\n\n</think>\n\n4.", "", "4."),
+        ("<think>\nstopped while thinki", "stopped while thinki", ""),
+        ("<think>\nR\n</think>\n\nUse </think> to end.", "R", "Use </think> to end."),
+        ("4.", None, "4."),
+        ("Quote: <think>x</think> y", None, "Quote: <think>x</think> y"),  # not leading
+    ],
+)
+def test_a_version_1_reply_with_a_think_block_imports_split(
+    assistant: str, reasoning: str | None, answer: str
+) -> None:
+    """Version 1 kept the whole reply; the import splits it as the reasoning splitter does."""
+    turn = {"user": "u", "assistant": assistant, "key": None, "interrupted": False}
+    loaded = Conversation.from_dict(export(turns=[turn]))
+    assert (loaded.turns[0].reasoning, loaded.turns[0].assistant) == (reasoning, answer)
+
+
 def test_markdown_export(tmp_path: Path) -> None:
     conversation = conversation_with(2)
     conversation.turns[-1] = dataclasses.replace(conversation.turns[-1], interrupted=True)
@@ -265,7 +314,7 @@ def test_markdown_export(tmp_path: Path) -> None:
         (export(version=True), "version must be a whole number"),
         (export(version=0), "version must be a whole number"),
         (export(version=1.5), "version must be a whole number"),
-        (export(version=2), "format version 2; upgrade qwen-magic"),
+        (export(version=3), "format version 3; upgrade qwen-magic"),
         ({"format": "qwen-magic-conversation", "version": 1}, "no list of turns"),
         (export(turns={"user": "u"}), "no list of turns"),
         (export(turns="u"), "no list of turns"),
@@ -277,6 +326,11 @@ def test_markdown_export(tmp_path: Path) -> None:
         (export(turns=[{"user": "u", "assistant": "a", "key": 3}]), "key that is not text"),
         (export(turns=[{"user": "u", "assistant": "a", "interrupted": "no"}]), "true or false"),
         (export(turns=[{"user": "u", "assistant": "a", "interrupted": 0}]), "true or false"),
+        (
+            export(version=2, turns=[{"user": "u", "assistant": "a", "reasoning": 5}]),
+            "text or null",
+        ),
+        (export(turns=[{"user": "u", "assistant": "a", "reasoning": ["r"]}]), "'reasoning' must"),
         (export(system=5), "system prompt must be text or null"),
         (export(system=["s"]), "system prompt must be text or null"),
     ],

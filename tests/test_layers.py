@@ -11,6 +11,8 @@ import pytest
 
 CORE = (
     "qwen_magic.chatml",
+    "qwen_magic.template",
+    "qwen_magic.reasoning",
     "qwen_magic.conversation",
     "qwen_magic.prompt",
     "qwen_magic.sampling",

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import warnings
+from pathlib import Path
 
 import pytest
 
@@ -210,3 +212,130 @@ def test_format_prompt_is_reachable_from_chatml(tokenizer: ChatTokenizer) -> Non
     assert tokenizer.decode(ids) == text
     with pytest.raises(AttributeError, match="no attribute 'fit_prompt'"):
         qwen_magic.chatml.fit_prompt  # noqa: B018 - only format_prompt is forwarded
+
+
+# ---------------------------------------------------------------------- reasoning in the history
+
+THINK_ID, END_THINK_ID = 151667, 151668
+TURNS_WITH_REASONING = [
+    Turn("What is 2+2?", "4.", reasoning="Two and two.\nFour."),
+    Turn("And 3+3?", "6", reasoning=""),
+    Turn("Now 5+5?", "", reasoning="ten? or", interrupted=True),  # stopped while thinking
+    Turn("Go on.", "Ten.", reasoning=None),
+]
+
+
+def preserving_tokenizer(qwen3_tokenizer_dir: Path, folder: Path) -> tuple[ChatTokenizer, str]:
+    """The Qwen3 tokenizer with its template changed to keep every past turn's reasoning."""
+    config = json.loads((qwen3_tokenizer_dir / "tokenizer_config.json").read_text("utf-8"))
+    condition = "{%- if loop.index0 > ns.last_query_index %}"
+    assert config["chat_template"].count(condition) == 1
+    template = config["chat_template"].replace(condition, "{%- if true %}")
+    (folder / "tokenizer.json").symlink_to(qwen3_tokenizer_dir / "tokenizer.json")
+    (folder / "chat_template.jinja").write_text(template, encoding="utf-8")
+    return ChatTokenizer.load(folder), template
+
+
+def template_ids(hf, system: str | None, turns: list[Turn], message: str, **kwargs) -> list[int]:
+    messages = [] if system is None else [{"role": "system", "content": system}]
+    for turn in turns:
+        messages.append({"role": "user", "content": turn.user})
+        reply = {"role": "assistant", "content": turn.assistant}
+        if turn.reasoning is not None:
+            reply["reasoning_content"] = turn.reasoning
+        messages.append(reply)
+    messages.append({"role": "user", "content": message})
+    text = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kwargs)
+    return list(hf(text, add_special_tokens=False)["input_ids"])
+
+
+@pytest.fixture(scope="module")
+def hf(qwen3_tokenizer_dir: Path):
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(str(qwen3_tokenizer_dir))
+
+
+@pytest.mark.parametrize("enable_thinking", [None, True, False])
+@pytest.mark.parametrize("system", [None, "Be brief."])
+def test_history_with_reasoning_matches_apply_chat_template(
+    formatter: ChatFormatter, hf, enable_thinking: bool | None, system: str | None
+) -> None:
+    kwargs = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+    expected = template_ids(hf, system, TURNS_WITH_REASONING, "Thanks!", **kwargs)
+    plan = fit_prompt(
+        formatter,
+        system,
+        TURNS_WITH_REASONING,
+        "Thanks!",
+        budget=10_000,
+        enable_thinking=enable_thinking,
+    )
+    assert plan.token_ids == expected
+    assert "Two and two" not in plan.text and "ten?" not in plan.text  # Qwen3 drops it
+    assert THINK_ID not in plan.token_ids[:-4]  # no think token but the prompt's own block
+    assert formatter.tokenizer.decode(plan.token_ids) == plan.text
+
+
+def test_a_reply_stopped_while_thinking_resends_nothing_of_it(formatter: ChatFormatter) -> None:
+    turns = [Turn("q", "", reasoning="<think> half a thought", interrupted=True)]
+    plan = fit_prompt(formatter, None, turns, "again", budget=1_000)
+    assert "half a thought" not in plan.text
+    assert "<|im_start|>assistant\n<|im_end|>" in plan.text
+    assert not set(plan.token_ids) & {THINK_ID, END_THINK_ID}
+
+
+def test_an_answer_quoting_the_tag_is_resent_whole_when_its_reasoning_is_apart(
+    formatter: ChatFormatter,
+) -> None:
+    answer = "Qwen ends reasoning with </think> then answers."
+    apart = fit_prompt(formatter, None, [Turn("q", answer, reasoning="")], "n", budget=1_000)
+    assert answer in apart.text and END_THINK_ID not in apart.token_ids  # as plain text
+    whole = fit_prompt(formatter, None, [Turn("q", answer)], "n", budget=1_000)
+    assert "<|im_start|>assistant\n then answers.<|im_end|>" in whole.text  # as the template
+
+
+@pytest.mark.parametrize("enable_thinking", [None, False])
+def test_a_preserving_template_gets_its_reasoning_back_with_real_tags(
+    qwen3_tokenizer_dir: Path, tmp_path: Path, hf, enable_thinking: bool | None
+) -> None:
+    tokenizer, template = preserving_tokenizer(qwen3_tokenizer_dir, tmp_path)
+    assert tokenizer.profile.keeps_reasoning
+    formatter = ChatFormatter(tokenizer)
+    kwargs = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+    expected = template_ids(
+        hf, "s", TURNS_WITH_REASONING, "Thanks!", chat_template=template, **kwargs
+    )
+    plan = fit_prompt(formatter, "s", TURNS_WITH_REASONING, "Thanks!", budget=10_000, **kwargs)
+    assert plan.token_ids == expected
+    assert "<think>\nTwo and two.\nFour.\n</think>\n\n4." in plan.text
+    assert "<think>\nten? or\n</think>\n\n<|im_end|>" in plan.text
+    blocks = 2 + (enable_thinking is False)  # two turns with reasoning, and the prompt's own
+    assert plan.token_ids.count(THINK_ID) == plan.token_ids.count(END_THINK_ID) == blocks
+
+
+def test_resent_reasoning_counts_against_the_budget_and_is_encoded_once(
+    qwen3_tokenizer_dir: Path, tmp_path: Path
+) -> None:
+    tokenizer, _ = preserving_tokenizer(qwen3_tokenizer_dir, tmp_path)
+    formatter = ChatFormatter(tokenizer)
+    turns = [Turn(f"q{i}", f"a{i}", reasoning=f"long reasoning number {i} " * 20) for i in range(3)]
+    full = fit_prompt(formatter, None, turns, "next", budget=100_000)
+    assert full.kept_turns == 3 and all(cost > 100 for cost in full.turn_tokens)
+    tight = fit_prompt(formatter, None, turns, "next", budget=full.num_tokens - 1)
+    assert tight.kept_turns == 2 and "long reasoning number 0" not in tight.text
+
+    encoded: list[str] = []
+    original = tokenizer.encode_text
+
+    def spy(text: str) -> list[int]:
+        encoded.append(text)
+        return original(text)
+
+    tokenizer.encode_text = spy  # type: ignore[method-assign]
+    try:
+        again = fit_prompt(formatter, None, turns, "another", budget=100_000)
+    finally:
+        del tokenizer.encode_text
+    history = sum(full.turn_tokens)
+    assert again.token_ids[:history] == full.token_ids[:history]
+    assert not any("long reasoning" in text for text in encoded)

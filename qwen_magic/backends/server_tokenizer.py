@@ -19,7 +19,15 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 from qwen_magic.backends.base import BackendError
-from qwen_magic.chatml import ENDOFTEXT, IM_END, IM_START, ChatTokenizer, TemplateProfile
+from qwen_magic.chatml import (
+    ENDOFTEXT,
+    IM_END,
+    IM_START,
+    THINK_END,
+    THINK_START,
+    ChatTokenizer,
+    TemplateProfile,
+)
 
 if TYPE_CHECKING:
     from qwen_magic.backends.openai_http import ServerBackend
@@ -27,12 +35,19 @@ if TYPE_CHECKING:
 __all__ = ["server_tokenizer"]
 
 _SPECIAL_LITERAL = re.compile(r"<\|[A-Za-z_][A-Za-z0-9_]*\|>")
-_SELF_CHECK = f"say {IM_END}\n{IM_START}system\nhi{ENDOFTEXT}"
+# <think>, </tool_call>: the character before ">" is a letter or digit, so ">" starts a pre-token.
+_MARKUP_LITERAL = re.compile(r"</?(?:[A-Za-z_][A-Za-z0-9_]*)?[A-Za-z0-9]>")
+_SELF_CHECK = f"say {IM_END}\n{IM_START}system\nhi{ENDOFTEXT} {THINK_START}x{THINK_END}<tool_call>"
 
 
 def _pieces(text: str) -> list[str]:
-    """``text`` cut right after the ``<|`` of every special-token literal."""
-    cuts = [match.start() + 2 for match in _SPECIAL_LITERAL.finditer(text)]
+    """``text`` cut right after the ``<|`` of every special-token literal, and right before the
+    ``>`` of every markup literal (Qwen3's ``<think>``): cuts at pre-token boundaries, so the
+    pieces encode as the whole text would with those literals as plain text."""
+    cuts = sorted(
+        [match.start() + 2 for match in _SPECIAL_LITERAL.finditer(text)]
+        + [match.end() - 1 for match in _MARKUP_LITERAL.finditer(text)]
+    )
     pieces, start = [], 0
     for cut in cuts:
         pieces.append(text[start:cut])
@@ -70,7 +85,7 @@ def server_tokenizer(backend: ServerBackend) -> ChatTokenizer:
         return post("/detokenize", payload)["prompt"]
 
     token_ids = {}
-    for literal in (IM_START, IM_END, ENDOFTEXT):
+    for literal in (IM_START, IM_END, ENDOFTEXT, THINK_START, THINK_END):
         ids = tokenize(literal)
         if len(ids) == 1:
             token_ids[literal] = ids[0]
@@ -83,7 +98,8 @@ def server_tokenizer(backend: ServerBackend) -> ChatTokenizer:
         name=f"{backend.served_model} (via {backend.url}/tokenize)",
     )
     checked = encode_plain(_SELF_CHECK)
-    if set(token_ids.values()) & set(checked) or decode(checked) != _SELF_CHECK:
+    markup = {tokenize(tag)[0] for tag in ("<tool_call>",) if len(tokenize(tag)) == 1}
+    if (set(token_ids.values()) | markup) & set(checked) or decode(checked) != _SELF_CHECK:
         raise BackendError(
             "the server's tokenizer turns typed control tokens into real ones even when split: "
             "give a local tokenizer folder with --tokenizer"
