@@ -203,3 +203,53 @@ def test_a_failed_load_frees_the_weights():
     ip.run_cell(f"%qwen_load {model} --gpu-memory-utilization 0.005 --max-model-len 4096")
     assert session.bot is None
     _assert_freed("failed load", baseline)
+
+
+TENSOR_PARALLEL_SCRIPT = r"""
+import json, os, signal, sys, threading
+from IPython.testing.globalipapp import start_ipython
+
+ip = start_ipython()
+ip.run_line_magic("load_ext", "qwen_magic")
+ip.run_line_magic("config", 'QwenMagics.display_mode = "terminal"')
+session = ip.magics_manager.registry["QwenMagics"].session
+ip.run_line_magic("qwen_load", sys.argv[1] + " --tensor-parallel-size 2"
+                  " --gpu-memory-utilization 0.4 --max-model-len 4096")
+facts = {"where": session.bot.backend.info.where}
+# What Jupyter does on "interrupt": SIGINT to the kernel's whole process group.
+threading.Timer(2.0, os.killpg, (os.getpgrp(), signal.SIGINT)).start()
+result = ip.run_cell("%%qwen -t 1 --max-tokens 3000\nTell me a very long story.")
+facts["interrupted"] = isinstance(result.error_in_exec, KeyboardInterrupt)
+facts["turn_marked"] = session.conversation().turns[-1].interrupted
+reply = session.ask(None, "Say hi.", max_tokens=8, temperature=0)
+facts["next_reply_tokens"] = reply.num_generated_tokens
+ip.run_line_magic("qwen_unload", "")
+print("FACTS " + json.dumps(facts), flush=True)
+"""
+
+
+def test_tensor_parallel_runs_in_a_managed_server_that_survives_interrupts(tmp_path):
+    """--tensor-parallel-size 2 in a kernel: a server in its own session, so a Jupyter-style
+    interrupt (SIGINT to the kernel's process group) stops the reply and the next one works."""
+    _needs_cuda()
+    import json
+
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    script = tmp_path / "tensor_parallel.py"
+    script.write_text(TENSOR_PARALLEL_SCRIPT, encoding="utf-8")
+    result = subprocess.run(
+        [sys.executable, str(script), _model("QWEN_MAGIC_GPU_MODEL")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        start_new_session=True,  # its own process group, as a kernel has
+    )
+    lines = [line for line in result.stdout.splitlines() if line.startswith("FACTS ")]
+    assert lines, result.stdout[-3000:] + result.stderr[-3000:]
+    facts = json.loads(lines[-1][len("FACTS ") :])
+    assert facts["where"].startswith("http://127.0.0.1:")
+    assert facts["interrupted"] and facts["turn_marked"]
+    assert facts["next_reply_tokens"] > 0

@@ -151,7 +151,7 @@ class ServerBackend:
             wanted = f"no model {model!r}" if model is not None else "several models"
             raise BackendError(
                 f"the server at {self.url} serves {wanted} (it serves {', '.join(names) or 'none'})"
-                ": name one with --server-model"
+                ": name one after the URL (%qwen_load --server URL MODEL)"
             )
         card = cards[0]
         self.served_model: str = card["id"]
