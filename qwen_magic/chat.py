@@ -122,7 +122,12 @@ class QwenChat:
         self.tokenizer: ChatTokenizer | None = None
         if backend is None and server is not None:
             backend = open_backend(
-                model, server=server, api_key_env=api_key_env, progress=progress, **engine_options
+                model,
+                server=server,
+                serve=serve,
+                api_key_env=api_key_env,
+                progress=progress,
+                **engine_options,
             )
         elif backend is None:
             path = resolve_model(model)

@@ -1,6 +1,8 @@
 """QwenChat: the tutorial's chat()/stream() interface and the reply() call the magics use.
 
-Mechanics run on the tiny random-weight model; meaning is checked on the real demo model.
+Mechanics run on the tiny random-weight model, once in this process (context 512) and once
+through a real vLLM server (``vllm_server``, context 2048): the same tests, on both backends.
+Meaning is checked on the real demo model.
 """
 
 from __future__ import annotations
@@ -11,26 +13,71 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from qwen_magic import chat as chat_module
 from qwen_magic.backends import BackendBusy, BackendError, Delta
+from qwen_magic.backends.openai_http import ServerBackend
 from qwen_magic.chat import QwenChat, Reply
 from qwen_magic.chatml import IM_END, IM_START, ChatMLError, ChatTokenizer
 from qwen_magic.conversation import Conversation
 from qwen_magic.prompt import MessageTooLongError, PromptTruncatedWarning
+from qwen_magic.sampling import default_max_tokens, setting
+
+if TYPE_CHECKING:
+    from conftest import VllmServer
 
 CONTROL_TEXTS = ("<|im_end|>", "<|endoftext|>", "<|im_start|>")
 
 pytestmark = pytest.mark.engine
 
 
+LOCAL_CONTEXT = 512
+SERVER_CONTEXT = 2048  # what the vllm_server fixture serves
+
+
 @pytest.fixture(scope="module")
-def bot(tiny_model: Path) -> Iterator[QwenChat]:
-    with QwenChat(str(tiny_model), max_model_len=512, kv_cache_gib=0.25) as loaded:
+def local_bot(tiny_model: Path) -> Iterator[QwenChat]:
+    with QwenChat(str(tiny_model), max_model_len=LOCAL_CONTEXT, kv_cache_gib=0.25) as loaded:
         yield loaded
+
+
+@pytest.fixture(scope="module")
+def server_bot(vllm_server: VllmServer) -> Iterator[QwenChat]:
+    with QwenChat(server=vllm_server.url, api_key_env=vllm_server.key_env) as connected:
+        yield connected
+
+
+@pytest.fixture(
+    scope="module",
+    params=["local", pytest.param("server", marks=pytest.mark.server)],
+)
+def bot(request: pytest.FixtureRequest) -> QwenChat:
+    """The tiny model in this process, then the same model behind a vLLM server."""
+    return request.getfixturevalue(f"{request.param}_bot")
+
+
+def on_server(bot: QwenChat) -> bool:
+    return isinstance(bot.backend, ServerBackend)
+
+
+def local_only(bot: QwenChat, reason: str) -> None:
+    if on_server(bot):
+        pytest.skip(f"local backend only: {reason}")
+
+
+def assert_nothing_running(bot: QwenChat, request: pytest.FixtureRequest) -> None:
+    """The aborted request is gone from the engine: at once here, within 2 s on a server."""
+    if not on_server(bot):
+        assert not bot.backend.llm.llm_engine.has_unfinished_requests()
+        return
+    vllm_server: VllmServer = request.getfixturevalue("vllm_server")
+    deadline = time.monotonic() + 2.0
+    while vllm_server.requests_running() > 0:
+        assert time.monotonic() < deadline, "the server still runs the aborted request"
+        time.sleep(0.05)
 
 
 def _spy_on_stream(bot: QwenChat, monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
@@ -48,7 +95,8 @@ def _spy_on_stream(bot: QwenChat, monkeypatch: pytest.MonkeyPatch) -> list[dict[
 
 def test_the_parts_of_a_loaded_chat(bot: QwenChat, tiny_model: Path) -> None:
     assert bot.engine is bot.backend
-    assert bot.backend.info.model == str(tiny_model) and bot.backend.info.max_model_len == 512
+    context = SERVER_CONTEXT if on_server(bot) else LOCAL_CONTEXT
+    assert bot.backend.info.model == str(tiny_model) and bot.backend.info.max_model_len == context
     assert isinstance(bot.tokenizer, ChatTokenizer) and bot.tokenizer.is_chatml
     assert bot.formatter.tokenizer is bot.tokenizer
 
@@ -95,19 +143,22 @@ def test_reply_records_sample_zero_and_reports_what_was_sent(bot: QwenChat) -> N
 
 def test_reply_records_the_original_message_when_it_is_cut(bot: QwenChat) -> None:
     conversation = Conversation()
-    long_message = "word " * 1000
+    context = bot.backend.info.max_model_len
+    long_message = "word " * (2 * context)
     with pytest.raises(MessageTooLongError):
         bot.reply(conversation, long_message, on_overflow="error", max_tokens=2)
     assert conversation.turns == []
     with pytest.warns(PromptTruncatedWarning):
         reply = bot.reply(conversation, long_message, on_overflow="truncate", max_tokens=2)
     assert reply.plan.truncated and len(reply.plan.message) < len(long_message)
-    assert reply.plan.num_tokens <= 512 - 2
+    assert reply.plan.num_tokens <= context - 2
     (turn,) = conversation.turns
     assert turn.user == long_message and reply.recorded.turn is turn
 
 
-def test_interrupted_reply_is_recorded_and_attached(bot: QwenChat) -> None:
+def test_interrupted_reply_is_recorded_and_attached(
+    bot: QwenChat, request: pytest.FixtureRequest
+) -> None:
     conversation = Conversation()
     pieces: list[str] = []
 
@@ -123,7 +174,7 @@ def test_interrupted_reply_is_recorded_and_attached(bot: QwenChat) -> None:
     (turn,) = conversation.turns
     assert turn.interrupted and turn.assistant == partial.text
     assert partial.recorded.turn is turn
-    assert not bot.backend.llm.llm_engine.has_unfinished_requests()
+    assert_nothing_running(bot, request)
     assert bot.reply(conversation, "Again", max_tokens=3).text  # engine still usable
     assert len(conversation.turns) == 2
 
@@ -134,9 +185,9 @@ def test_budget_is_recomputed_every_call(bot: QwenChat) -> None:
     (The tutorial this replaces shrank a shared budget on every call until it went negative.)
     """
     conversation = Conversation()
-    for index in range(12):  # earlier turns, recorded as reply() records them
-        conversation.record(f"question {index} " + "word " * 30, "answer " * 20)
     room = bot.backend.info.max_model_len
+    for index in range(room // 40):  # earlier turns (more than fit), recorded as reply() does
+        conversation.record(f"question {index} " + "word " * 30, "answer " * 20)
     for max_tokens in (300, 400, 300, 100):
         plan, sampling = bot._plan(
             conversation, "next", {"max_tokens": max_tokens}, use_history=True, key=None
@@ -156,6 +207,7 @@ def test_budget_is_recomputed_every_call(bot: QwenChat) -> None:
 
 def test_follow_up_turn_reuses_the_prefix_cache(bot: QwenChat) -> None:
     """The next turn re-sends the history with identical ids, so vLLM serves it from cache."""
+    local_only(bot, "the server backend does not report prefix-cache hits")
     conversation = Conversation(system="You are terse.")
     first = bot.reply(conversation, "context " * 300, max_tokens=4, temperature=0)
     follow_up = bot.reply(conversation, "And then?", max_tokens=4, temperature=0)
@@ -195,8 +247,9 @@ def test_bad_sampling_is_rejected(
 
 
 def test_max_tokens_that_leave_no_prompt_room_are_refused(bot: QwenChat) -> None:
-    with pytest.raises(BackendError, match="max_tokens=512 leaves no room"):
-        bot.chat("hi", max_tokens=512)
+    context = bot.backend.info.max_model_len
+    with pytest.raises(BackendError, match=f"max_tokens={context} leaves no room"):
+        bot.chat("hi", max_tokens=context)
 
 
 # --- defaults that must agree with the magics -------------------------------------------------
@@ -206,13 +259,18 @@ def test_max_tokens_that_leave_no_prompt_room_are_refused(bot: QwenChat) -> None
 def test_default_max_tokens_leaves_three_quarters_for_the_prompt(
     bot: QwenChat, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With a 512-token context the default reply is 128 tokens, so chat() just works."""
-    assert bot.budget() == 512 - 128
+    """The default reply is at most a quarter of the context (128 of 512, 512 of 2048), so
+    chat() just works."""
+    context = bot.backend.info.max_model_len
+    default = default_max_tokens(context)
+    assert default == {512: 128, 2048: 512}[context]
+    assert bot.budget() == context - default
     sent = _spy_on_stream(bot, monkeypatch)
     response, history = bot.chat("Hello")  # no flag at all
     assert isinstance(response, str) and history == [("Hello", response)]
     (request,) = sent
-    assert request["max_tokens"] == 128 and len(request["prompt_token_ids"]) <= 512 - 128
+    assert request["max_tokens"] == default
+    assert len(request["prompt_token_ids"]) <= context - default
 
     def stop_early(index: int, text: str) -> None:
         raise KeyboardInterrupt
@@ -220,8 +278,8 @@ def test_default_max_tokens_leaves_three_quarters_for_the_prompt(
     with pytest.raises(KeyboardInterrupt) as caught:
         bot.reply(Conversation(), "Hello", on_delta=stop_early)
     partial: Reply = caught.value.reply  # type: ignore[attr-defined]
-    assert partial.sampling["max_tokens"] == 128
-    assert partial.plan is not None and partial.plan.budget == 512 - 128
+    assert partial.sampling["max_tokens"] == default
+    assert partial.plan is not None and partial.plan.budget == context - default
 
 
 def test_chat_and_reply_send_the_templates_default_system_prompt(
@@ -247,11 +305,33 @@ def test_chat_and_reply_send_the_templates_default_system_prompt(
     assert reply.plan.system == bot.tokenizer.default_system
 
 
+# --- the two backends agree ------------------------------------------------------------------
+
+
+@pytest.mark.server
+def test_greedy_replies_are_the_same_on_both_backends(
+    local_bot: QwenChat, server_bot: QwenChat
+) -> None:
+    """The same prompt ids and sampling values give the same greedy reply here and on a server."""
+    for message in ("Hello", "Write a haiku about pandas.", "<|im_end|> is typed text"):
+        here = local_bot.reply(Conversation(), message, max_tokens=24, temperature=0)
+        there = server_bot.reply(Conversation(), message, max_tokens=24, temperature=0)
+        assert there.prompt_token_ids == here.prompt_token_ids
+        # The server is sent every value; vLLM's neutral ones go unsaid in-process.
+        assert {key: there.sampling[key] for key in here.sampling} == here.sampling
+        for key in there.sampling.keys() - here.sampling.keys():
+            assert there.sampling[key] == setting(key).neutral, key
+        assert there.text == here.text
+        assert there.num_generated_tokens == here.num_generated_tokens > 0
+        assert there.finish_reasons == here.finish_reasons
+
+
 # --- one request at a time ---------------------------------------------------------------------
 
 
 @pytest.mark.slow
 def test_two_threads_chatting_at_once_get_a_full_reply_or_busy(bot: QwenChat) -> None:
+    local_only(bot, "a server batches concurrent requests (test_server.py: 8 clients at once)")
     greedy = {"max_tokens": 16, "temperature": 0, "ignore_eos": True}
     expected, _ = bot.chat("Hello", **greedy)
     start = threading.Barrier(2)

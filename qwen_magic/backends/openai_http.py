@@ -44,7 +44,11 @@ def normalise_url(url: str) -> str:
     if "://" not in text:
         text = "http://" + text
     parts = urlsplit(text)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
+    try:
+        port_ok = parts.port is None or 0 < parts.port < 65536
+    except ValueError:  # a port that is not a number
+        port_ok = False
+    if parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
         raise BackendError(f"{url!r} is not a server URL: pass one like http://localhost:8000")
     path = parts.path.rstrip("/")
     if path.endswith("/v1"):
@@ -95,6 +99,7 @@ class ServerBackend:
     ) -> None:
         self.url = normalise_url(url)
         self._api_key_env = api_key_env
+        self._has_key = bool(api_key)
         self._on_close = on_close
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         timeout = httpx.Timeout(read_timeout, connect=10.0)
@@ -132,6 +137,11 @@ class ServerBackend:
         version = self._get("/version")
         self.version = version.json().get("version", "unknown") if version.is_success else "?"
         models = self._get("/v1/models")
+        if models.status_code == 401 and not self._has_key:
+            raise BackendError(
+                f"the vLLM server at {self.url} needs an API key (401 Unauthorized): "
+                f"${self._api_key_env} is not set (or name another variable with --api-key-env)"
+            )
         if models.status_code == 401:
             raise BackendError(
                 f"the vLLM server at {self.url} refused the API key (401 Unauthorized): put "
@@ -288,6 +298,8 @@ class ServerBackend:
             data = line[len("data:") :].strip()
             if data == "[DONE]":
                 return
+            if not data.startswith("{"):
+                raise BackendError(f"the server sent something unexpected: {data[:100]!r}")
             chunk = json.loads(data)
             if "error" in chunk:
                 error = chunk["error"]
@@ -299,6 +311,8 @@ class ServerBackend:
                 token_ids = tuple(choice.get("token_ids") or ())
                 if text or token_ids or reason is not None:
                     yield Delta(choice["index"], text, token_ids, reason is not None, reason)
+        # A stream that ends without [DONE] was cut (a proxy or the server closing it).
+        raise BackendError("the server ended the reply early, without finishing it: try again")
 
     def close(self) -> None:
         """Close the connection (and stop a managed server); safe to call twice."""

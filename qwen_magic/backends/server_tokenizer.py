@@ -18,6 +18,8 @@ import re
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
+import httpx
+
 from qwen_magic.backends.base import BackendError
 from qwen_magic.chatml import (
     ENDOFTEXT,
@@ -61,11 +63,16 @@ def server_tokenizer(backend: ServerBackend) -> ChatTokenizer:
     client = backend._require_client()
 
     def post(path: str, payload: dict[str, Any]) -> dict[str, Any]:
-        response = client.post(path, json=payload)
+        try:
+            response = client.post(path, json=payload)
+        except httpx.TransportError as error:
+            raise BackendError(
+                f"lost the server at {backend.url} while tokenizing ({type(error).__name__})"
+            ) from None
         if not response.is_success:
             raise BackendError(
                 f"the server's {path} answered {response.status_code}: it cannot tokenize for "
-                "us; give a local tokenizer folder with --tokenizer"
+                "us; put the model's folder (with tokenizer.json) on this machine"
             )
         return response.json()
 
@@ -102,7 +109,7 @@ def server_tokenizer(backend: ServerBackend) -> ChatTokenizer:
     if (set(token_ids.values()) | markup) & set(checked) or decode(checked) != _SELF_CHECK:
         raise BackendError(
             "the server's tokenizer turns typed control tokens into real ones even when split: "
-            "give a local tokenizer folder with --tokenizer"
+            "put the model's folder (with tokenizer.json) on this machine"
         )
     if tokenizer.is_chatml:
         tokenizer.profile = _profile(post, backend.served_model, decode)
