@@ -109,7 +109,7 @@ class Engine:
             else:
                 failure = type(error)(*error.args)
         # Out of the except block, no traceback references the half-built engine any more.
-        compat.release_compiled_graphs()
+        compat.clear_vllm_caches()
         gc.collect()
         self._empty_device_cache()
         raise failure from None
@@ -341,8 +341,6 @@ class Engine:
                 engine_core.shutdown()
         del llm, engine_core
         compat.clear_vllm_caches()
-        if self.device == "cuda":
-            compat.release_compiled_graphs()
         gc.collect()
         self._empty_device_cache()
         if sys.platform.startswith("linux"):  # hand freed heap pages back to the OS
