@@ -32,6 +32,7 @@ __all__ = [
     "SamplingSetting",
     "config_traits",
     "default_max_tokens",
+    "resolve",
     "setting",
     "validate",
 ]
@@ -183,6 +184,28 @@ def default_max_tokens(max_model_len: int) -> int:
     small context for the system prompt, the history and the message.
     """
     return max(1, min(DEFAULT_MAX_TOKENS, max_model_len // MAX_TOKENS_SHARE_OF_CONTEXT))
+
+
+def resolve(
+    given: Mapping[str, Any],
+    *,
+    model_defaults: Mapping[str, Any],
+    max_model_len: int,
+    room: int,
+    explicit: bool = False,
+) -> dict[str, Any]:
+    """The values a request sends: ``given`` (already validated) over the model's defaults.
+
+    ``max_tokens`` is the given one or :func:`default_max_tokens`, capped to ``room`` (what the
+    context leaves after the prompt). With ``explicit``, every setting a model may default is
+    sent, vLLM's neutral value where the model states none (a server would otherwise apply its
+    own defaults).
+    """
+    resolved = {key: setting(key).neutral for key in GENERATION_DEFAULT_KEYS} if explicit else {}
+    resolved.update(model_defaults)
+    resolved.update(given)
+    resolved["max_tokens"] = min(given.get("max_tokens", default_max_tokens(max_model_len)), room)
+    return resolved
 
 
 def config_traits() -> dict[str, TraitType]:

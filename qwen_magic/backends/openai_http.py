@@ -29,7 +29,7 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 
 from qwen_magic.backends.base import BackendError, BackendInfo, Delta
-from qwen_magic.sampling import GENERATION_DEFAULT_KEYS, default_max_tokens, setting, validate
+from qwen_magic.sampling import GENERATION_DEFAULT_KEYS, resolve, validate
 
 __all__ = ["ServerBackend", "normalise_url"]
 
@@ -232,12 +232,13 @@ class ServerBackend:
                 f"the prompt is {num_prompt_tokens} tokens, the server's context holds "
                 f"{self.max_model_len}: shorten the prompt or history"
             )
-        resolved = {key: setting(key).neutral for key in GENERATION_DEFAULT_KEYS}
-        resolved.update(self.generation_defaults)
-        resolved.update(given)
-        wanted = given.get("max_tokens", default_max_tokens(self.max_model_len))
-        resolved["max_tokens"] = min(wanted, room)
-        return resolved
+        return resolve(
+            given,
+            model_defaults=self.generation_defaults,
+            max_model_len=self.max_model_len,
+            room=room,
+            explicit=True,
+        )
 
     def request_body(
         self, prompt_token_ids: list[int], *, n: int, stop_token_ids: list[int], **sampling: Any

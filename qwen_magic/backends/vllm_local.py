@@ -35,7 +35,7 @@ from typing import Any
 from qwen_magic.backends import _vllm_compat as compat
 from qwen_magic.backends.base import BackendBusy, BackendInfo, Delta, forget_exception
 from qwen_magic.backends.vllm_options import EngineError, EngineOptions, load_error
-from qwen_magic.sampling import GENERATION_DEFAULT_KEYS, default_max_tokens, validate
+from qwen_magic.sampling import GENERATION_DEFAULT_KEYS, resolve, validate
 
 __all__ = ["Engine", "EngineError", "EngineOptions"]
 
@@ -182,10 +182,10 @@ class Engine:
                 f"the prompt is {num_prompt_tokens} tokens, the context holds {self.max_model_len}:"
                 " shorten the prompt or history, or load with a larger --max-model-len"
             )
-        resolved = {**self.generation_defaults, **given}
-        wanted = given.get("max_tokens", default_max_tokens(self.max_model_len))
-        resolved["max_tokens"] = min(wanted, room)
-        return resolved
+        return resolve(
+            given, model_defaults=self.generation_defaults, max_model_len=self.max_model_len,
+            room=room,
+        )  # fmt: skip
 
     def stream(
         self,
