@@ -178,9 +178,15 @@ def running_vllm_server(
         try:
             _wait_until_healthy(process, url, log_path)
             patch.setenv(key_env, key)
+            # Tests that count this process's server children leave the shared ones out.
+            shared = os.environ.get(SHARED_SERVER_PIDS, "").split()
+            patch.setenv(SHARED_SERVER_PIDS, " ".join([*shared, str(process.pid)]))
             yield VllmServer(url=url, key=key, key_env=key_env, pid=process.pid, log_path=log_path)
         finally:
             _stop_process_group(process)
+
+
+SHARED_SERVER_PIDS = "QWEN_MAGIC_TEST_SHARED_SERVER_PIDS"
 
 
 def _wait_until_healthy(process: subprocess.Popen[bytes], url: str, log_path: Path) -> None:

@@ -76,7 +76,7 @@ def displays(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def turn_count(client: KernelClient) -> int:
-    expression = "len(get_ipython().magics_manager.registry['QwenMagics'].conversation())"
+    expression = "len(get_ipython().magics_manager.registry['QwenMagics'].session.conversation())"
     content = {
         "code": "",
         "silent": True,

@@ -60,9 +60,10 @@ starts_servers = [pytest.mark.engine, pytest.mark.slow, pytest.mark.server, need
 def _server_children() -> list[psutil.Process]:
     """This process's children that are vLLM API servers, newest first."""
     servers = []
+    shared = os.environ.get("QWEN_MAGIC_TEST_SHARED_SERVER_PIDS", "").split()  # conftest's
     for child in psutil.Process().children():
         with contextlib.suppress(psutil.Error):
-            if SERVER_MODULE in child.cmdline():
+            if SERVER_MODULE in child.cmdline() and str(child.pid) not in shared:
                 servers.append(child)
     return sorted(servers, key=lambda child: child.create_time(), reverse=True)
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import pytest
+from IPython import get_ipython
 from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.testing.globalipapp import start_ipython
@@ -90,7 +91,7 @@ def bot(vllm_server: VllmServer) -> Iterator[QwenChat]:
 
 @pytest.fixture(scope="module")
 def ip() -> Iterator[InteractiveShell]:
-    shell = start_ipython()
+    shell = start_ipython() or get_ipython()  # one global shell per test process
     shell.run_line_magic("load_ext", "qwen_magic")
     yield shell
     shell.run_line_magic("unload_ext", "qwen_magic")
