@@ -20,7 +20,7 @@ TARGETS: dict[str, list[tuple[str, Callable[[], Path]]]] = {
         ("qwen1-tiktoken", models.qwen1_tiktoken_path),
     ],
     "demo": [("demo", models.demo_model_path)],
-    "tiny": [("tiny", models.tiny_model_path)],
+    "tiny": [("tiny", models.tiny_model_path), ("tiny-qwen3", models.tiny_qwen3_model_path)],
     "smollm2": [("smollm2", models.smollm2_path)],
 }
 

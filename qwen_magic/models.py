@@ -80,6 +80,12 @@ def tiny_model_path() -> Path:
     return _cached("tiny-random-qwen2", _build_tiny_model)
 
 
+def tiny_qwen3_model_path() -> Path:
+    """Return a tiny random-weight Qwen3 model with the real Qwen3 tokenizer and chat template
+    (a thinking model: its template has the enable_thinking switch)."""
+    return _cached("tiny-random-qwen3", _build_tiny_qwen3_model)
+
+
 def smollm2_path() -> Path:
     """Return the SmolLM2-135M-Instruct folder (bf16 safetensors, ChatML chat template)."""
     return _cached("smollm2-135m-instruct", _build_smollm2)
@@ -89,7 +95,8 @@ def resolve_model(name_or_path: str | None) -> str:
     """Map a user's model choice to something ``vllm.LLM(model=...)`` accepts.
 
     Args:
-        name_or_path: ``None`` or ``"demo"`` for the demo model, ``"tiny"`` for the test model,
+        name_or_path: ``None`` or ``"demo"`` for the demo model, ``"tiny"`` for the test model
+            (``"tiny-qwen3"``: its Qwen3 thinking-model twin),
             a local folder, or a hub id (passed through for users with hub access).
 
     Returns:
@@ -99,6 +106,8 @@ def resolve_model(name_or_path: str | None) -> str:
         return str(demo_model_path())
     if name_or_path == "tiny":
         return str(tiny_model_path())
+    if name_or_path == "tiny-qwen3":
+        return str(tiny_qwen3_model_path())
     local = Path(name_or_path).expanduser()
     return str(local.resolve()) if local.is_dir() else name_or_path
 
@@ -272,26 +281,71 @@ def _build_tiny_model(folder: Path) -> None:
     )
 
 
+# Qwen3's published generation_config.json (thinking mode) and its stop tokens.
+QWEN3_GENERATION_CONFIG = {
+    "do_sample": True,
+    "temperature": 0.6,
+    "top_p": 0.95,
+    "top_k": 20,
+    "bos_token_id": 151643,
+    "eos_token_id": [151645, 151643],
+    "pad_token_id": 151643,
+}
+
+
+def _build_tiny_qwen3_model(folder: Path) -> None:
+    # head_dim 32 is one of the sizes vLLM's CPU attention supports.
+    write_random_qwen2(
+        folder,
+        qwen3_tokenizer_path(),
+        architecture="qwen3",
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=4096,
+    )
+
+
 def write_random_qwen2(
-    folder: Path, tokenizer_folder: Path, *, device: str = "cpu", **shape: int | bool
+    folder: Path,
+    tokenizer_folder: Path,
+    *,
+    device: str = "cpu",
+    architecture: str = "qwen2",
+    **shape: int | bool,
 ) -> None:
-    """Write a random-weight bf16 Qwen2 model of ``shape`` with a real Qwen2.5 tokenizer.
+    """Write a random-weight bf16 Qwen2 (or Qwen3) model of ``shape`` with a real tokenizer.
 
     Decode speed does not depend on weight values, so such a model exercises the engine like the
     real one (tests, benchmarks) without shipping its weights.
 
     Args:
         folder: Where the model goes (config, safetensors, tokenizer files).
-        tokenizer_folder: A real Qwen2.5 model's tokenizer files and generation_config.json.
+        tokenizer_folder: A real model's tokenizer files (and generation_config.json; Qwen3's
+            published values when it has none).
         device: Where torch builds the weights ("cuda" is faster for large shapes).
+        architecture: "qwen2" or "qwen3".
         **shape: ``Qwen2Config`` sizes such as hidden_size and num_hidden_layers.
     """
     import torch
-    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (
+        GenerationConfig,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+    )
 
     from qwen_magic._gguf import finish_model_folder
 
-    config = Qwen2Config(
+    config_class, model_class = {
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+        "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+    }[architecture]
+    config = config_class(
         vocab_size=151936,
         rope_theta=1_000_000.0,
         tie_word_embeddings=True,
@@ -302,10 +356,13 @@ def write_random_qwen2(
     )
     torch.manual_seed(0)
     with torch.device(device):
-        model = Qwen2ForCausalLM(config).to(torch.bfloat16)
+        model = model_class(config).to(torch.bfloat16)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
-    GenerationConfig.from_pretrained(tokenizer_folder).save_pretrained(folder)
+    if (tokenizer_folder / "generation_config.json").exists():
+        GenerationConfig.from_pretrained(tokenizer_folder).save_pretrained(folder)
+    else:
+        GenerationConfig(**QWEN3_GENERATION_CONFIG).save_pretrained(folder)
     for name in TOKENIZER_FILES:
         if (tokenizer_folder / name).exists():
             shutil.copy2(tokenizer_folder / name, folder / name)
@@ -331,5 +388,6 @@ __all__ = [
     "resolve_model",
     "smollm2_path",
     "tiny_model_path",
+    "tiny_qwen3_model_path",
     "write_random_qwen2",
 ]
