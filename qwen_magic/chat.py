@@ -19,10 +19,19 @@ The system prompt defaults to the model template's own (``system=None``) everywh
 question gets the same prompt from every front-end, and the same ids as the model's
 ``apply_chat_template`` (Qwen2.5: "You are Qwen, created by Alibaba Cloud. ..."; Qwen3: none).
 Pass ``system="You are a helpful assistant."`` for the tutorial's prompt.
+
+Thinking models (Qwen3 and later) write their reasoning in a ``<think>`` block before the answer.
+Every reply is split on token ids (:class:`qwen_magic.reasoning.ReasoningSplitter`): the answer is
+what :meth:`QwenChat.chat` returns, what :meth:`QwenChat.stream` yields and what the history keeps;
+the reasoning is :attr:`Reply.reasoning`, streamed apart through ``on_thinking``.
+``enable_thinking`` is the template's switch (None: the model's default) and ``thinking_budget``
+stops the reasoning after that many tokens, closes the block as Qwen describes and lets the model
+answer.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -35,9 +44,17 @@ from qwen_magic.backends import Backend, BackendError, open_backend
 from qwen_magic.chatml import ChatFormatter, ChatTokenizer
 from qwen_magic.conversation import Conversation, Recorded
 from qwen_magic.prompt import PromptPlan, fit_prompt
+from qwen_magic.reasoning import ReasoningSplitter, SplitReply
 from qwen_magic.sampling import default_max_tokens, validate
 
-__all__ = ["QwenChat", "Reply"]
+__all__ = ["BUDGET_CLOSE_TEXT", "QwenChat", "Reply"]
+
+# What closes a think block when the thinking budget runs out: Qwen's own sentence
+# (QwenLM/Qwen3 docs, "thinking budget"), then the block's end; the model goes on to answer.
+BUDGET_CLOSE_TEXT = (
+    "\n\nConsidering the limited time by the user, I have to give the solution based on the "
+    "thinking directly now.\n</think>\n\n"
+)
 
 
 @dataclass
@@ -45,7 +62,8 @@ class Reply:
     """What one request produced.
 
     Attributes:
-        texts: One text per sample; partial when ``interrupted``.
+        texts: One answer per sample (a thinking model's reasoning left out); partial when
+            ``interrupted``.
         plan: How the prompt was built from the conversation (None for raw completions).
         sampling: The sampling values actually sent to vLLM (user's over model defaults).
         finish_reasons: Per sample: "stop", "length", or None when cut short.
@@ -57,6 +75,8 @@ class Reply:
         prompt_token_ids: The prompt's token ids.
         num_cached_tokens: Prompt tokens served from vLLM's prefix cache (None if unknown).
         recorded: How the turn joined the conversation (None when it did not).
+        thinking: Per sample, its reasoning apart from its answer (empty for ``--raw``).
+        budget_reached: The thinking budget closed sample 1's think block.
     """
 
     texts: list[str]
@@ -71,11 +91,38 @@ class Reply:
     prompt_token_ids: list[int] = field(default_factory=list)
     num_cached_tokens: int | None = None
     recorded: Recorded | None = None
+    thinking: list[SplitReply] = field(default_factory=list)
+    budget_reached: bool = False
 
     @property
     def text(self) -> str:
-        """The first sample's text (the one that joins the history)."""
+        """The first sample's answer (the one that joins the history)."""
         return self.texts[0]
+
+    @property
+    def reasoning(self) -> str | None:
+        """The first sample's reasoning; None when it had no think block."""
+        return self.thinking[0].reasoning if self.thinking else None
+
+    @property
+    def reasonings(self) -> list[str | None]:
+        """Every sample's reasoning."""
+        return [split.reasoning for split in self.thinking] or [None] * len(self.texts)
+
+    @property
+    def thinking_seconds(self) -> float | None:
+        """How long sample 1 thought; None without a think block."""
+        return self.thinking[0].thinking_seconds if self.thinking else None
+
+    @property
+    def thinking_tokens(self) -> int:
+        """Tokens sample 1 generated inside its think block."""
+        return self.thinking[0].thinking_tokens if self.thinking else 0
+
+    @property
+    def stopped_while_thinking(self) -> bool:
+        """Sample 1 ended inside its think block: it has no answer."""
+        return bool(self.thinking) and self.thinking[0].stopped_while_thinking
 
     @property
     def tokens_per_second(self) -> float:
@@ -120,6 +167,7 @@ class QwenChat:
         from qwen_magic.models import resolve_model
 
         self.tokenizer: ChatTokenizer | None = None
+        self._stop_requested = threading.Event()
         if backend is None and server is not None:
             backend = open_backend(
                 model,
@@ -179,11 +227,65 @@ class QwenChat:
         """Shut the backend down and free its memory."""
         self.backend.close()
 
+    def stop(self) -> None:
+        """Stop the reply being generated (from another thread: a web page's Stop button).
+
+        The request is aborted at its next token; the call that is generating returns the partial
+        reply marked ``interrupted`` (and records it, as an interrupt would), without raising.
+        """
+        self._stop_requested.set()
+
+    @property
+    def thinks(self) -> bool:
+        """Whether the model can write a think block (it has the tokens for one)."""
+        return self.tokenizer.think_end_id is not None
+
+    @property
+    def has_thinking_switch(self) -> bool:
+        """Whether the chat template turns thinking on and off (``enable_thinking``)."""
+        return self.thinks and self.formatter.profile.has_thinking_switch
+
+    def thinks_by_default(self, enable_thinking: bool | None = None) -> bool:
+        """Whether a reply with this switch will think (and gets the thinking max_tokens)."""
+        if not self.thinks or self._formatter is None:
+            return False
+        profile = self.formatter.profile
+        if profile.prompt_block(enable_thinking) == "closed":
+            return False
+        if enable_thinking is None or not profile.has_thinking_switch:
+            return profile.thinks_by_default
+        return enable_thinking
+
+    def check_thinking(
+        self, enable_thinking: bool | None = None, thinking_budget: int | None = None
+    ) -> None:
+        """Refuse a thinking switch or budget the model cannot honour, in one line.
+
+        Raises:
+            ValueError: The model has no switch (or does not think at all).
+        """
+        name = Path(str(self.backend.info.model)).name
+        if enable_thinking is not None and not self.has_thinking_switch:
+            what = "always thinks" if self.thinks_by_default() else "does not think"
+            raise ValueError(
+                f"{name} has no thinking switch (it {what}): drop --think / --no-think"
+            )
+        if thinking_budget is not None:
+            if isinstance(thinking_budget, bool) or not isinstance(thinking_budget, int):
+                raise ValueError(f"thinking_budget must be a whole number, got {thinking_budget!r}")
+            if thinking_budget < 0:
+                raise ValueError(f"thinking_budget must be >= 0, got {thinking_budget}")
+            if not self.thinks:
+                raise ValueError(f"{name} does not think: drop --thinking-budget")
+
     def chat(
         self,
         prompt: str,
         history: Sequence[tuple[str, str]] | None = None,
         system: str | None = None,
+        *,
+        enable_thinking: bool | None = None,
+        thinking_budget: int | None = None,
         **sampling: Any,
     ) -> tuple[str, list[tuple[str, str]]]:
         """Reply to ``prompt`` after ``history`` (the tutorial's interface).
@@ -192,15 +294,25 @@ class QwenChat:
             prompt: The user's message.
             history: Past ``(query, response)`` pairs; not modified.
             system: The system prompt; None (the default) uses the model template's own.
+            enable_thinking: A thinking model's switch (None: the model's default).
+            thinking_budget: Most reasoning tokens before the model must answer.
             **sampling: temperature, top_p, top_k, min_p, max_tokens, repetition_penalty,
                 presence_penalty, frequency_penalty, seed, stop, n.
 
         Returns:
-            The reply and a new history list with ``(prompt, reply)`` appended.
+            The answer (a thinking model's reasoning left out, as the history keeps it) and a new
+            history list with ``(prompt, answer)`` appended.
         """
         pairs = [(str(query), str(response)) for query, response in history or []]
         conversation = Conversation.from_pairs(pairs, system=system)
-        reply = self.reply(conversation, prompt, on_overflow="truncate", **sampling)
+        reply = self.reply(
+            conversation,
+            prompt,
+            on_overflow="truncate",
+            enable_thinking=enable_thinking,
+            thinking_budget=thinking_budget,
+            **sampling,
+        )
         return reply.text, [*pairs, (prompt, reply.text)]
 
     def stream(
@@ -208,27 +320,51 @@ class QwenChat:
         prompt: str,
         history: Sequence[tuple[str, str]] | None = None,
         system: str | None = None,
+        *,
+        enable_thinking: bool | None = None,
+        thinking_budget: int | None = None,
+        on_thinking: Callable[[str], None] | None = None,
         **sampling: Any,
     ) -> Iterator[str]:
-        """Like :meth:`chat`, but yield the reply's text as it is generated.
+        """Like :meth:`chat`, but yield the answer's text as it is generated.
 
+        A thinking model's reasoning is not yielded: pass ``on_thinking`` to see it as it comes.
         Stopping the iteration early aborts the request. The history is not extended: append
         ``(prompt, "".join(pieces))`` yourself.
         """
         if sampling.get("n", 1) != 1:
             raise ValueError("stream() yields one reply: use reply(..., n=...) for several")
         sampling.pop("n", None)
+        self.check_thinking(enable_thinking, thinking_budget)
         conversation = Conversation.from_pairs(history or [], system=system)
         plan, values = self._plan(
-            conversation, prompt, sampling, use_history=True, key=None, on_overflow="truncate"
+            conversation,
+            prompt,
+            sampling,
+            use_history=True,
+            key=None,
+            enable_thinking=enable_thinking,
+            on_overflow="truncate",
         )
-        stop = self.tokenizer.stop_token_ids
+        splitter = ReasoningSplitter.for_tokenizer(self.tokenizer, enable_thinking=enable_thinking)
         # Closed explicitly, so the request is aborted the moment this generator is closed,
         # whatever else still references the backend's stream.
-        with closing(self.backend.stream(plan.token_ids, stop_token_ids=stop, **values)) as deltas:
-            for delta in deltas:
-                if delta.text:
-                    yield delta.text
+        generation = _Generation(
+            self.backend,
+            self.tokenizer,
+            plan.token_ids,
+            values,
+            n=1,
+            splitters=[splitter],
+            thinking_budget=thinking_budget,
+            stop_requested=threading.Event(),
+        )
+        with closing(generation) as deltas:
+            for _index, piece in deltas:
+                if piece.reasoning and on_thinking is not None:
+                    on_thinking(piece.reasoning)
+                if piece.answer:
+                    yield piece.answer
 
     def reply(
         self,
@@ -239,7 +375,9 @@ class QwenChat:
         use_history: bool = True,
         n: int = 1,
         on_delta: Callable[[int, str], None] | None = None,
+        on_thinking: Callable[[int, str], None] | None = None,
         enable_thinking: bool | None = None,
+        thinking_budget: int | None = None,
         on_overflow: Literal["error", "truncate"] = "truncate",
         **sampling: Any,
     ) -> Reply:
@@ -252,14 +390,17 @@ class QwenChat:
                 turns are set aside; ``conversation.undo()`` brings them back).
             use_history: False shows the model only the system prompt and the message.
             n: Number of samples; only the first joins the history.
-            on_delta: Called as ``on_delta(index, text)`` for every piece of new text.
-            enable_thinking: Qwen3's thinking switch.
+            on_delta: Called as ``on_delta(index, text)`` for every piece of new answer text.
+            on_thinking: Called as ``on_thinking(index, text)`` for every piece of new reasoning.
+            enable_thinking: The chat template's thinking switch (None: the model's default).
+            thinking_budget: Most reasoning tokens (sample 1 only, so ``n`` must be 1); then the
+                think block is closed with Qwen's sentence and the model answers.
             on_overflow: A message that alone does not fit: "truncate" sends its beginning
                 (with a PromptTruncatedWarning), "error" raises MessageTooLongError.
             **sampling: See :meth:`chat`.
 
         Returns:
-            The :class:`Reply`.
+            The :class:`Reply`; ``interrupted`` when :meth:`stop` stopped it.
 
         Raises:
             KeyboardInterrupt: Generation was interrupted. The request is aborted, the partial
@@ -267,6 +408,9 @@ class QwenChat:
                 it), and the partial :class:`Reply` is attached as ``exc.reply``.
         """
         _check_n(n)
+        self.check_thinking(enable_thinking, thinking_budget)
+        if thinking_budget is not None and n != 1:
+            raise ValueError("a thinking budget applies to one sample: drop -n or the budget")
         plan, values = self._plan(
             conversation,
             message,
@@ -276,14 +420,34 @@ class QwenChat:
             enable_thinking=enable_thinking,
             on_overflow=on_overflow,
         )
+        splitters = [
+            ReasoningSplitter.for_tokenizer(self.tokenizer, enable_thinking=enable_thinking)
+            for _ in range(n)
+        ]
         try:
-            reply = self._run(plan.token_ids, plan.text, plan, values, n=n, on_delta=on_delta)
+            reply = self._run(
+                plan.token_ids,
+                plan.text,
+                plan,
+                values,
+                n=n,
+                on_delta=on_delta,
+                on_thinking=on_thinking,
+                splitters=splitters,
+                thinking_budget=thinking_budget,
+            )
         except KeyboardInterrupt as interrupt:
             partial: Reply = interrupt.reply  # type: ignore[attr-defined]
-            partial.recorded = conversation.record(message, partial.text, key=key, interrupted=True)
+            partial.recorded = self._record(conversation, message, partial, key)
             raise
-        reply.recorded = conversation.record(message, reply.text, key=key)
+        reply.recorded = self._record(conversation, message, reply, key)
         return reply
+
+    @staticmethod
+    def _record(conversation: Conversation, message: str, reply: Reply, key: str | None) -> Any:
+        return conversation.record(
+            message, reply.text, key=key, interrupted=reply.interrupted, reasoning=reply.reasoning
+        )
 
     def complete(
         self,
@@ -317,7 +481,7 @@ class QwenChat:
         """Fit the prompt into this call's budget and resolve the sampling values."""
         given = validate(sampling)
         max_model_len = self.backend.info.max_model_len
-        max_tokens = given.get("max_tokens", default_max_tokens(max_model_len))
+        max_tokens = given.get("max_tokens", self.default_max_tokens(enable_thinking))
         budget = max_model_len - max_tokens
         if budget < 1:
             raise BackendError(
@@ -336,11 +500,17 @@ class QwenChat:
         given.setdefault("max_tokens", max_tokens)
         return plan, self.backend.resolve_sampling(len(plan.token_ids), **given)
 
-    def budget(self, **sampling: Any) -> int:
+    def default_max_tokens(self, enable_thinking: bool | None = None) -> int:
+        """The reply length used when none is given (:func:`qwen_magic.sampling.default_max_tokens`;
+        longer when the reply will think)."""
+        thinking = self.thinks_by_default(enable_thinking)
+        return default_max_tokens(self.backend.info.max_model_len, thinking=thinking)
+
+    def budget(self, enable_thinking: bool | None = None, **sampling: Any) -> int:
         """Prompt tokens a reply with these settings leaves room for (context - max_tokens)."""
-        max_model_len = self.backend.info.max_model_len
         given = validate(sampling)
-        return max_model_len - given.get("max_tokens", default_max_tokens(max_model_len))
+        max_tokens = given.get("max_tokens", self.default_max_tokens(enable_thinking))
+        return self.backend.info.max_model_len - max_tokens
 
     def _run(
         self,
@@ -351,48 +521,149 @@ class QwenChat:
         *,
         n: int,
         on_delta: Callable[[int, str], None] | None,
+        on_thinking: Callable[[int, str], None] | None = None,
+        splitters: list[ReasoningSplitter] | None = None,
+        thinking_budget: int | None = None,
     ) -> Reply:
         """Stream one request; on KeyboardInterrupt attach the partial Reply and re-raise."""
         texts = [""] * n
-        reasons: list[str | None] = [None] * n
-        generated = 0
-        cached: int | None = None
         started = time.perf_counter()
+        self._stop_requested.clear()
+        generation = _Generation(
+            self.backend,
+            self.tokenizer,
+            prompt_ids,
+            values,
+            n=n,
+            splitters=splitters,
+            thinking_budget=thinking_budget,
+            stop_requested=self._stop_requested,
+        )
 
         def build(interrupted: bool) -> Reply:
+            thinking = [splitter.result() for splitter in splitters or []]
             return Reply(
-                texts=list(texts),
+                texts=[split.answer for split in thinking] if thinking else list(texts),
                 plan=plan,
                 sampling=dict(values, n=n),
-                finish_reasons=list(reasons),
+                finish_reasons=list(generation.finish_reasons),
                 interrupted=interrupted,
                 num_prompt_tokens=len(prompt_ids),
-                num_generated_tokens=generated,
+                num_generated_tokens=generation.generated,
                 elapsed_s=time.perf_counter() - started,
                 prompt_text=prompt_text,
                 prompt_token_ids=list(prompt_ids),
-                num_cached_tokens=cached,
+                num_cached_tokens=generation.cached,
+                thinking=thinking,
+                budget_reached=generation.budget_reached,
             )
 
-        stop = self.tokenizer.stop_token_ids
-        deltas = self.backend.stream(prompt_ids, n=n, stop_token_ids=stop, **values)
         try:
-            for delta in deltas:
-                texts[delta.index] += delta.text
-                generated += len(delta.token_ids)
-                if delta.num_cached_tokens is not None:
-                    cached = delta.num_cached_tokens
-                if delta.finished:
-                    reasons[delta.index] = delta.finish_reason
-                if on_delta is not None and delta.text:
-                    on_delta(delta.index, delta.text)
+            for index, piece in generation:
+                texts[index] += piece.answer
+                if on_thinking is not None and piece.reasoning:
+                    on_thinking(index, piece.reasoning)
+                if on_delta is not None and piece.answer:
+                    on_delta(index, piece.answer)
         except KeyboardInterrupt as interrupt:
-            deltas.close()  # abort now: the interrupt may have come from on_delta
+            generation.close()  # abort now: the interrupt may have come from a callback
             interrupt.reply = build(True)  # type: ignore[attr-defined]
             raise
         finally:
-            deltas.close()
-        return build(False)
+            generation.close()
+        return build(generation.stopped)
+
+
+class _Generation:
+    """One request's deltas as ``(index, ReasoningDelta)``, with the thinking budget applied.
+
+    When sample 1 has thought ``thinking_budget`` tokens, the request is aborted and sent again
+    as prompt + what was generated + :data:`BUDGET_CLOSE_TEXT` (vLLM's prefix cache makes that
+    cheap), with what is left of ``max_tokens``: the same on every backend, no engine option
+    needed. Closing it aborts whichever request is running.
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        tokenizer: ChatTokenizer,
+        prompt_ids: list[int],
+        values: dict[str, Any],
+        *,
+        n: int,
+        splitters: list[ReasoningSplitter] | None,
+        thinking_budget: int | None,
+        stop_requested: threading.Event,
+    ) -> None:
+        self._backend, self._tokenizer = backend, tokenizer
+        self._prompt_ids, self._values, self._n = prompt_ids, values, n
+        self._splitters = splitters
+        self._budget = thinking_budget
+        self._stop_requested = stop_requested
+        self.finish_reasons: list[str | None] = [None] * n
+        self.generated = 0
+        self.cached: int | None = None
+        self.budget_reached = False
+        self.stopped = False
+        self._iterator = self._pieces()
+
+    def __iter__(self) -> Iterator[tuple[int, Any]]:
+        return self._iterator
+
+    def close(self) -> None:
+        self._iterator.close()
+
+    def _open(self, prompt_ids: list[int], values: dict[str, Any]) -> Any:
+        stop = self._tokenizer.stop_token_ids
+        return self._backend.stream(prompt_ids, n=self._n, stop_token_ids=stop, **values)
+
+    def _budget_spent(self) -> bool:
+        if self._budget is None or self.budget_reached or not self._splitters:
+            return False
+        splitter = self._splitters[0]
+        return splitter.in_reasoning and splitter.thinking_tokens >= self._budget
+
+    def _pieces(self) -> Iterator[tuple[int, Any]]:
+        from qwen_magic.reasoning import ReasoningDelta
+
+        sample_ids: list[int] = []  # sample 1's generated ids, for the budget's second request
+        prompt_ids, values = self._prompt_ids, self._values
+        while True:
+            if self._budget_spent():
+                forced = self._tokenizer.encode_template_text(BUDGET_CLOSE_TEXT)
+                self.budget_reached = True
+                yield 0, self._splitters[0].feed(forced, BUDGET_CLOSE_TEXT, generated=False)  # type: ignore[index]
+                remaining = values["max_tokens"] - len(sample_ids) - len(forced)
+                if remaining < 1:
+                    self.finish_reasons[0] = "length"
+                    return
+                prompt_ids = [*self._prompt_ids, *sample_ids, *forced]
+                values = {**values, "max_tokens": remaining}
+            stream = self._open(prompt_ids, values)
+            try:
+                for delta in stream:
+                    self.generated += len(delta.token_ids)
+                    if delta.num_cached_tokens is not None and self.cached is None:
+                        self.cached = delta.num_cached_tokens
+                    if delta.finished:
+                        self.finish_reasons[delta.index] = delta.finish_reason
+                    if delta.index == 0:
+                        sample_ids.extend(delta.token_ids)
+                    if self._splitters:
+                        piece = self._splitters[delta.index].feed(delta.token_ids, delta.text)
+                    else:
+                        piece = ReasoningDelta(answer=delta.text)
+                    if piece.reasoning or piece.answer:
+                        yield delta.index, piece
+                    if self._stop_requested.is_set():
+                        self.stopped = True
+                        return
+                    if not delta.finished and self._budget_spent():
+                        break
+                else:
+                    return
+            finally:
+                stream.close()
 
 
 def _check_n(n: int) -> None:

@@ -158,6 +158,15 @@ class Conversation:
         while self._changes > depth and self.undo():
             pass
 
+    def squash(self, depth: int) -> None:
+        """Make the changes since :attr:`undo_depth` was ``depth`` one step for :meth:`undo`
+        (a retry: taking the old turn off and recording the new one)."""
+        extra = self._changes - depth - 1
+        if extra > 0 and len(self._undo) > extra:
+            for _ in range(extra):  # the snapshots after the first one (a bounded deque)
+                self._undo.pop()
+            self._changes -= extra
+
     # ------------------------------------------------------------------ changing (undoable)
 
     def _remember(self) -> None:
@@ -193,6 +202,17 @@ class Conversation:
         set_aside = len(self.turns) - index - 1
         self.turns[index:] = [turn]
         return Recorded(turn, replaced=index + 1, set_aside=set_aside)
+
+    def remove_last(self) -> Turn:
+        """Take the last turn off (to ask its message again). Undoable.
+
+        Raises:
+            IndexError: There is no turn.
+        """
+        if not self.turns:
+            raise IndexError("the conversation has no turns")
+        self._remember()
+        return self.turns.pop()
 
     def clear(self) -> int:
         """Forget every turn (the system prompt stays); returns how many. Undoable."""

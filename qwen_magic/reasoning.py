@@ -174,8 +174,14 @@ class ReasoningSplitter:
 
     # ------------------------------------------------------------------ feeding
 
-    def feed(self, token_ids: Sequence[int], text: str) -> ReasoningDelta:
-        """Take one delta (its new ids and their text); return the new text of each part."""
+    def feed(
+        self, token_ids: Sequence[int], text: str, *, generated: bool = True
+    ) -> ReasoningDelta:
+        """Take one delta (its new ids and their text); return the new text of each part.
+
+        ``generated=False`` marks ids the model did not write (the text a thinking budget
+        appends to close the block): they are not counted as thinking tokens.
+        """
         now = self._clock()
         if self._in_reasoning and self._started is None:
             self._started = now
@@ -198,7 +204,7 @@ class ReasoningSplitter:
                 routed = index + 1
                 self._in_reasoning, self._closed, self._ended = False, True, now
                 self._held_newlines, self._trim_answer = "", True
-            elif self._in_reasoning:
+            elif self._in_reasoning and generated:
                 self._thinking_tokens += 1
         return self._route(out, rest)
 

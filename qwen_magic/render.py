@@ -28,6 +28,10 @@ Bundle = dict[str, str]
 
 INTERRUPTED = "⏹ interrupted"
 CUT_AT_MAX_TOKENS = "✂ stopped at max_tokens"
+STOPPED_WHILE_THINKING = (
+    "✂ stopped while thinking, before any answer: raise --max-tokens or set --thinking-budget"
+)
+_THINKING_STYLE = "white-space:pre-wrap;opacity:0.75;margin:0.3em 0 0 1em;font-size:90%"
 _SPECIAL_STYLE = "background:#fde68a;color:#92400e;border-radius:3px"
 
 # One readable line per mistake a user can make; the front-ends raise or print these.
@@ -250,19 +254,71 @@ def safe_markdown(text: str) -> str:
     return "\n".join(out)
 
 
+def thinking_summary(
+    seconds: float | None, tokens: int | None, *, done: bool, budget_reached: bool = False
+) -> str:
+    """What a thinking block's summary line says: "Thinking… 3 s" while it runs, "Thought for
+    4.1 s, 312 tokens" after."""
+    count = "" if tokens is None else f", {tokens} tokens"
+    if not done:
+        elapsed = "" if seconds is None else f" {seconds:.0f} s"
+        return f"💭 Thinking…{elapsed}{count}"
+    budget = " (thinking budget reached)" if budget_reached else ""
+    return f"💭 Thought for {seconds or 0:.1f} s{count}{budget}"
+
+
+def render_thinking(
+    reasoning: str,
+    *,
+    seconds: float | None,
+    tokens: int | None,
+    done: bool,
+    mode: str = "collapsed",
+    budget_reached: bool = False,
+) -> Bundle:
+    """A thinking model's reasoning as a block above its answer.
+
+    ``mode``: "collapsed" (a closed ``<details>``, opened with a click), "open", or "hidden"
+    (the summary line only). The reasoning is HTML-escaped: whatever it says stays text.
+    """
+    summary = thinking_summary(seconds, tokens, done=done, budget_reached=budget_reached)
+    if mode == "hidden":
+        return mime_bundle(f"*{summary}*", html_text=f"<p><em>{summary}</em></p>", plain=summary)
+    opened = " open" if mode == "open" else ""
+    block = (
+        f'<details class="qwen-thinking"{opened}><summary>{summary}</summary>'
+        f"{thinking_body_html(reasoning)}</details>"
+    )
+    return mime_bundle(block, html_text=block, plain=f"{summary}\n{reasoning}")
+
+
+def thinking_body_html(reasoning: str) -> str:
+    """The reasoning as HTML: escaped, so whatever it says stays text."""
+    return f'<div style="{_THINKING_STYLE}">{html.escape(reasoning, quote=False)}</div>'
+
+
+def _reasoning_block(reasoning: str) -> str:
+    """A past turn's reasoning, collapsed, for Markdown views (history, exports)."""
+    return (
+        f"<details><summary>💭 reasoning ({len(reasoning)} characters)</summary>"
+        f"{thinking_body_html(reasoning)}</details>"
+    )
+
+
 def render_reply(
     texts: Sequence[str],
     *,
     interrupted: bool = False,
     finish_reasons: Sequence[str | None] = (),
+    stopped_while_thinking: Sequence[bool] = (),
 ) -> Bundle:
     """The bundle for a reply: Markdown for one sample, HTML columns for several."""
     marks = []
     for index in range(len(texts)):
         reason = finish_reasons[index] if index < len(finish_reasons) else None
-        marks.append(
-            INTERRUPTED if interrupted else CUT_AT_MAX_TOKENS if reason == "length" else ""
-        )
+        thinking = index < len(stopped_while_thinking) and stopped_while_thinking[index]
+        cut = STOPPED_WHILE_THINKING if thinking else CUT_AT_MAX_TOKENS
+        marks.append(INTERRUPTED if interrupted else cut if reason == "length" else "")
     if len(texts) == 1:
         text = texts[0]
         markdown = safe_markdown(text) + (f"\n\n*{marks[0]}*" if marks[0] else "")
@@ -291,7 +347,13 @@ def highlight_special_tokens(token_ids: Sequence[int], tokenizer: Any) -> str:
     Works on token ids, not text: a user who types ``<|im_end|>`` sees it as plain text, because
     that is what the model saw (it was encoded as ordinary tokens).
     """
-    special = {tokenizer.im_start_id, tokenizer.im_end_id, tokenizer.endoftext_id} - {None}
+    special = {
+        tokenizer.im_start_id,
+        tokenizer.im_end_id,
+        tokenizer.endoftext_id,
+        getattr(tokenizer, "think_start_id", None),
+        getattr(tokenizer, "think_end_id", None),
+    } - {None}
     pieces: list[str] = []
     run: list[int] = []
 
@@ -390,7 +452,10 @@ def history_markdown(conversation: Conversation, *, name: str | None = None) -> 
             lines += ["---", ""]
         marker = f" *{INTERRUPTED}*" if turn.interrupted else ""
         lines += [f"**{number}. User**", "", safe_markdown(turn.user), ""]
-        lines += [f"**{number}. Assistant**{marker}", "", safe_markdown(turn.assistant), ""]
+        lines += [f"**{number}. Assistant**{marker}", ""]
+        if turn.reasoning:
+            lines += [_reasoning_block(turn.reasoning), ""]
+        lines += [safe_markdown(turn.assistant), ""]
     return "\n".join(lines).rstrip("\n") + "\n"
 
 

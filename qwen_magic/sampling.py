@@ -9,7 +9,10 @@ Every tunable setting is described once, in :data:`SETTINGS`. From that table co
 
 The default ``max_tokens`` (:func:`default_max_tokens`) is one documented policy that every
 front-end shares: 512 tokens, but never more than a quarter of the context, so a model loaded
-with a small ``--max-model-len`` still leaves room for a prompt and its history.
+with a small ``--max-model-len`` still leaves room for a prompt and its history. A reply that will
+think (a Qwen3-family model with thinking on) gets 8192 tokens, at most half the context: its
+reasoning alone often runs to thousands of tokens (Qwen suggests up to 32,768 for hard problems;
+set ``max_tokens`` or a thinking budget for those).
 
 Pure Python (traitlets only): no vLLM, IPython or ipywidgets import.
 """
@@ -29,6 +32,7 @@ __all__ = [
     "SAMPLING_KEYS",
     "SAMPLING_SETTINGS",
     "SETTINGS",
+    "THINKING_MAX_TOKENS",
     "SamplingSetting",
     "config_traits",
     "default_max_tokens",
@@ -39,6 +43,8 @@ __all__ = [
 
 DEFAULT_MAX_TOKENS = 512
 MAX_TOKENS_SHARE_OF_CONTEXT = 4  # the default reply takes at most 1/4 of the context
+THINKING_MAX_TOKENS = 8192
+THINKING_SHARE_OF_CONTEXT = 2  # a thinking reply takes at most 1/2 of the context
 
 
 @dataclass(frozen=True)
@@ -177,12 +183,15 @@ def validate(sampling: Mapping[str, Any]) -> dict[str, Any]:
     return given
 
 
-def default_max_tokens(max_model_len: int) -> int:
-    """The reply length used when the user sets none: 512, at most a quarter of the context.
+def default_max_tokens(max_model_len: int, *, thinking: bool = False) -> int:
+    """The reply length used when the user sets none: 512, at most a quarter of the context;
+    with ``thinking`` (the reply will reason first), 8192, at most half the context.
 
-    The prompt is fitted into ``max_model_len - max_tokens``, so this keeps three quarters of a
-    small context for the system prompt, the history and the message.
+    The prompt is fitted into ``max_model_len - max_tokens``, so this keeps three quarters (half,
+    when thinking) of a small context for the system prompt, the history and the message.
     """
+    if thinking:
+        return max(1, min(THINKING_MAX_TOKENS, max_model_len // THINKING_SHARE_OF_CONTEXT))
     return max(1, min(DEFAULT_MAX_TOKENS, max_model_len // MAX_TOKENS_SHARE_OF_CONTEXT))
 
 

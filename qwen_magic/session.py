@@ -7,7 +7,9 @@ A :class:`ChatSession` holds, for one kernel (or one terminal chat, or one web p
 - the system-prompt rule: a conversation follows :attr:`ChatSession.system` until it is given
   its own prompt (``-s``, an import), then keeps that one;
 - the sampling defaults (one trait per row of :data:`qwen_magic.sampling.SETTINGS`; None means
-  the model's own default), which a front-end may link its own settings to;
+  the model's own default), which a front-end may link its own settings to, and the thinking
+  defaults (:attr:`ChatSession.thinking`, :attr:`ChatSession.thinking_budget`), which apply only
+  to models that can honour them;
 - :attr:`ChatSession.revision`, bumped after every change, for views that follow the session;
 - the one-request-at-a-time rule: a second request while one is running gets
   :class:`SessionBusy` at once, never a reply interleaved with another.
@@ -25,11 +27,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from traitlets import HasTraits, Int, TraitError, Unicode, observe, validate
+from traitlets import Bool, HasTraits, Int, TraitError, Unicode, observe, validate
 
 from qwen_magic.backends.base import BackendBusy, BackendError
 from qwen_magic.conversation import Conversation
-from qwen_magic.sampling import SAMPLING_SETTINGS, config_traits
+from qwen_magic.sampling import SAMPLING_KEYS, SAMPLING_SETTINGS, config_traits
 from qwen_magic.sampling import validate as validate_sampling
 
 if TYPE_CHECKING:
@@ -58,6 +60,18 @@ class ChatSession(_SamplingDefaults):  # type: ignore[misc, valid-type]
         help="System prompt of conversations not given their own; None: the model's.",
     )
     revision = Int(0, help="Bumped after every change of a conversation or the model.")
+    thinking = Bool(
+        None,
+        allow_none=True,
+        help="Thinking switch of models that have one (Qwen3): True, False, or None for the "
+        "model's default. Models without a switch ignore it.",
+    )
+    thinking_budget = Int(
+        None,
+        allow_none=True,
+        help="Most reasoning tokens of a thinking model's reply before it must answer; None: no "
+        "limit. Models that do not think ignore it.",
+    )
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -84,6 +98,24 @@ class ChatSession(_SamplingDefaults):  # type: ignore[misc, valid-type]
         """The sampling settings set as defaults (None ones left out)."""
         values = {name: getattr(self, name) for name in SAMPLING_SETTINGS}
         return {name: value for name, value in values.items() if value is not None}
+
+    @validate("thinking_budget")
+    def _validate_thinking_budget(self, proposal: Any) -> Any:
+        if proposal["value"] is not None and proposal["value"] < 0:
+            raise TraitError(f"thinking_budget must be >= 0 or None, got {proposal['value']}")
+        return proposal["value"]
+
+    def thinking_settings(
+        self, enable_thinking: bool | None = None, thinking_budget: int | None = None
+    ) -> tuple[bool | None, int | None]:
+        """The switch and budget a request uses: the given ones, else the session's defaults
+        where the loaded model can honour them."""
+        bot = self.require_bot()
+        if enable_thinking is None and bot.has_thinking_switch:
+            enable_thinking = self.thinking
+        if thinking_budget is None and bot.thinks:
+            thinking_budget = self.thinking_budget
+        return enable_thinking, thinking_budget
 
     @observe("system")
     def _on_system_change(self, change: Any) -> None:
@@ -268,6 +300,9 @@ class ChatSession(_SamplingDefaults):  # type: ignore[misc, valid-type]
         use_history: bool = True,
         n: int = 1,
         on_delta: Callable[[int, str], None] | None = None,
+        on_thinking: Callable[[int, str], None] | None = None,
+        enable_thinking: bool | None = None,
+        thinking_budget: int | None = None,
         **sampling: Any,
     ) -> Reply:
         """Answer ``message`` in conversation ``name`` and record the turn.
@@ -275,38 +310,104 @@ class ChatSession(_SamplingDefaults):  # type: ignore[misc, valid-type]
         ``system`` gives the conversation its own system prompt and ``new`` clears it first;
         both are undoable and, like everything else, undone again if the request fails. An
         interrupted reply is recorded, marked, and the KeyboardInterrupt re-raised (with the
-        partial reply as ``.reply``).
+        partial reply as ``.reply``); one stopped by :meth:`stop` is recorded, marked and
+        returned. ``on_delta`` gets the answer's text and ``on_thinking`` a thinking model's
+        reasoning, each as ``(sample index, new text)``.
 
         Raises:
             SessionBusy: Another reply is being generated.
             BackendError, ValueError, TypeError: A mistake; the conversation is as it was.
         """
-        name = name or DEFAULT_CONVERSATION
+        options = dict(
+            system=system,
+            new=new,
+            key=key,
+            use_history=use_history,
+            n=n,
+            on_delta=on_delta,
+            on_thinking=on_thinking,
+            enable_thinking=enable_thinking,
+            thinking_budget=thinking_budget,
+        )
         values = {**self.sampling_defaults(), **validate_sampling(sampling)}
         with self._exclusive():
-            bot = self.require_bot()
+            return self._ask(name or DEFAULT_CONVERSATION, message, values, **options)
+
+    def retry(self, name: str | None = None, **options: Any) -> Reply:
+        """Ask the last turn's message again, replacing that turn (undo brings it back).
+
+        Takes :meth:`ask`'s keywords but ``system``, ``new`` and ``key``.
+
+        Raises:
+            ValueError: The conversation has no turn to retry.
+            SessionBusy, BackendError, KeyboardInterrupt: As :meth:`ask`.
+        """
+        name = name or DEFAULT_CONVERSATION
+        sampling = {key: options.pop(key) for key in list(options) if key in SAMPLING_KEYS}
+        values = {**self.sampling_defaults(), **validate_sampling(sampling)}
+        with self._exclusive():
             conversation = self.conversation(name)
+            if not conversation.turns:
+                raise ValueError(f"`{name}` has no turn to retry: send a message first")
+            last = conversation.turns[-1]
             depth = conversation.undo_depth
+            conversation.remove_last()
             try:
-                if new:
-                    conversation.clear()
-                if system is not None:
-                    conversation.set_system(system)
-                return bot.reply(
-                    conversation,
-                    message,
-                    key=key,
-                    use_history=use_history,
-                    n=n,
-                    on_delta=on_delta,
-                    on_overflow="error",
-                    **values,
-                )
+                return self._ask(name, last.user, values, key=last.key, **options)
             except Exception:
                 conversation.rollback(depth)
                 raise
-            finally:
-                self.changed()
+            finally:  # one undo brings the old turn back, also after an interrupt
+                conversation.squash(depth)
+
+    def _ask(
+        self,
+        name: str,
+        message: str,
+        sampling: dict[str, Any],
+        *,
+        system: str | None = None,
+        new: bool = False,
+        enable_thinking: bool | None = None,
+        thinking_budget: int | None = None,
+        **options: Any,
+    ) -> Reply:
+        """:meth:`ask`, holding the request lock."""
+        bot = self.require_bot()
+        enable_thinking, thinking_budget = self.thinking_settings(enable_thinking, thinking_budget)
+        conversation = self.conversation(name)
+        depth = conversation.undo_depth
+        try:
+            if new:
+                conversation.clear()
+            if system is not None:
+                conversation.set_system(system)
+            return bot.reply(
+                conversation,
+                message,
+                enable_thinking=enable_thinking,
+                thinking_budget=thinking_budget,
+                on_overflow="error",
+                **options,
+                **sampling,
+            )
+        except Exception:
+            conversation.rollback(depth)
+            raise
+        finally:
+            self.changed()
+
+    def stop(self) -> bool:
+        """Stop the reply being generated, from another thread (a web page's Stop button).
+
+        The request is aborted at its next token; :meth:`ask` then returns the partial reply,
+        recorded and marked interrupted. Returns False when nothing was being generated.
+        """
+        bot = self.bot
+        if bot is None or not self.busy:
+            return False
+        bot.stop()
+        return True
 
     def complete(
         self,

@@ -26,7 +26,21 @@ at most a quarter of the context):
 - ``--show-prompt`` shows exactly what the model saw: ChatML with control tokens highlighted,
   tokens per part, what the budget dropped, and the effective sampling parameters.
 - ``--raw`` continues the cell as plain text (for base models): no ChatML, no conversation, so
-  it takes none of ``-s``, ``--new``, ``--no-history`` and ``--chat``.
+  it takes none of ``-s``, ``--new``, ``--no-history``, ``--chat`` and the thinking flags.
+
+Thinking models (Qwen3 and later) reason in a ``<think>`` block before they answer. The reasoning
+streams into a collapsed block above the answer ("💭 Thought for 4.1 s, 312 tokens"; a click opens
+it), stays out of the answer and of the history's re-sent prompt, and is kept apart in the turn
+(``%qwen history`` shows it collapsed; ``-o VAR`` stores the answer, the result's ``.reasoning``
+the reasoning):
+
+- ``--think`` / ``--no-think`` flip the template's switch for one cell (default:
+  ``QwenMagics.thinking``, None = the model's own default); models without a switch refuse them.
+- ``--thinking-budget N`` stops the reasoning after N tokens, closes the block with Qwen's
+  sentence and lets the model answer (default: ``QwenMagics.thinking_budget``).
+- ``--show-thinking collapsed|open|hidden`` (default ``QwenMagics.show_thinking``).
+- With thinking on, ``max_tokens`` defaults to 8192, at most half the context; a reply cut off
+  while thinking says so, with the flag that fixes it.
 
 Re-running a notebook cell replaces that cell's turn; the turns recorded after it are set aside
 (a notice says how many) and ``%qwen undo`` brings them back. Several ``%%qwen`` calls in one
@@ -59,7 +73,7 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments
 from IPython.utils.process import arg_split
-from traitlets import Dict, Enum, TraitError, Unicode, link, validate
+from traitlets import Bool, Dict, Enum, Int, TraitError, Unicode, link, validate
 
 from qwen_magic import render
 from qwen_magic.backends.base import BackendError, forget_exception
@@ -71,7 +85,9 @@ from qwen_magic.sampling import validate as validate_sampling
 from qwen_magic.session import DEFAULT_CONVERSATION, ChatSession
 
 _RAW_EXCLUDES = (("system", "-s"), ("new", "--new"), ("no_history", "--no-history"),
-                 ("chat", "--chat"))  # fmt: skip
+                 ("chat", "--chat"), ("think", "--think"), ("no_think", "--no-think"),
+                 ("thinking_budget", "--thinking-budget"))  # fmt: skip
+SHOW_THINKING = ("collapsed", "open", "hidden")
 
 
 def parse(parser: Any, line: str) -> Namespace:
@@ -124,6 +140,23 @@ class QwenMagics(_SamplingConfig):  # type: ignore[misc, valid-type]
         "VLLM_API_KEY",
         help="Environment variable holding the server's API key (the key itself is never shown).",
     ).tag(config=True)
+    thinking = Bool(
+        None,
+        allow_none=True,
+        help="Thinking switch for models that have one (Qwen3): True, False, or None for the "
+        "model's default; --think / --no-think override it for one cell.",
+    ).tag(config=True)
+    thinking_budget = Int(
+        None,
+        allow_none=True,
+        help="Most reasoning tokens before a thinking model must answer; None: no limit.",
+    ).tag(config=True)
+    show_thinking = Enum(
+        SHOW_THINKING,
+        "collapsed",
+        help="How a thinking model's reasoning shows: a collapsed block, an open one, or only "
+        "its summary line.",
+    ).tag(config=True)
     display_mode = Enum(
         ["auto", "notebook", "terminal"],
         "auto",
@@ -136,7 +169,7 @@ class QwenMagics(_SamplingConfig):  # type: ignore[misc, valid-type]
         self._starting = False
         self.session = session if session is not None else ChatSession()
         self._links: list[link] = []
-        for name in (*SAMPLING_SETTINGS, "system"):
+        for name in (*SAMPLING_SETTINGS, "system", "thinking", "thinking_budget"):
             if getattr(self, name) is None:  # nothing configured: keep the session's value
                 setattr(self, name, getattr(self.session, name))
             self._links.append(link((self, name), (self.session, name)))
@@ -268,6 +301,10 @@ class QwenMagics(_SamplingConfig):  # type: ignore[misc, valid-type]
     @argument("-o", "--output", metavar="VAR", help="store the reply text in VAR")
     @argument("--show-prompt", action="store_true", help="show exactly what the model saw")
     @argument("--raw", action="store_true", help="plain continuation: no ChatML, no history")
+    @argument("--think", action="store_true", help="turn a thinking model's thinking on")
+    @argument("--no-think", action="store_true", help="turn a thinking model's thinking off")
+    @argument("--thinking-budget", type=int, metavar="N", help="most reasoning tokens, then answer")
+    @argument("--show-thinking", choices=SHOW_THINKING, help="how the reasoning shows")
     @argument("--chat", metavar="NAME", help="named conversation (default: default)")
     @line_cell_magic
     def qwen(self, line: str, cell: str | None = None) -> Any:
@@ -311,16 +348,27 @@ class QwenMagics(_SamplingConfig):  # type: ignore[misc, valid-type]
                 raise UsageError(
                     f"--raw continues plain text without a conversation: drop {', '.join(given)}"
                 )
+        if args.think and args.no_think:
+            raise UsageError("--think and --no-think contradict each other: pick one")
+        if args.thinking_budget is not None and args.thinking_budget < 0:
+            raise UsageError(f"--thinking-budget must be >= 0, got {args.thinking_budget}")
         sampling = self._sampling(args)
         if self.session.bot is None:
             raise UsageError(render.NO_MODEL)
-        stream = output.ReplyStream(args.n, notebook=self.notebook)
+        stream = output.ReplyStream(
+            args.n,
+            notebook=self.notebook,
+            show_thinking=args.show_thinking or self.show_thinking,
+            live_widgets=getattr(self.shell, "kernel", None) is not None,
+        )
         try:
             reply = self._generate(args, message, sampling, stream)
         except KeyboardInterrupt as interrupt:
             partial = getattr(interrupt, "reply", None)
             forget_exception(interrupt)
-            stream.finish(partial.texts if partial is not None else None, interrupted=True)
+            stream.finish(
+                partial.texts if partial is not None else None, interrupted=True, reply=partial
+            )
             self._after_reply(args, partial)
             stopped = KeyboardInterrupt(render.INTERRUPTED_NOTE)
             stopped.reply = partial  # type: ignore[attr-defined]
@@ -330,7 +378,10 @@ class QwenMagics(_SamplingConfig):  # type: ignore[misc, valid-type]
                 stream.finish(None, interrupted=True)
             raise self._usage_error(error) from None
         stream.finish(
-            reply.texts, interrupted=reply.interrupted, finish_reasons=reply.finish_reasons
+            reply.texts,
+            interrupted=reply.interrupted,
+            finish_reasons=reply.finish_reasons,
+            reply=reply,
         )
         self._after_reply(args, reply)
         if args.output:
@@ -354,6 +405,9 @@ class QwenMagics(_SamplingConfig):  # type: ignore[misc, valid-type]
             use_history=not args.no_history,
             n=args.n,
             on_delta=stream.on_delta,
+            on_thinking=stream.on_thinking,
+            enable_thinking=True if args.think else False if args.no_think else None,
+            thinking_budget=args.thinking_budget,
             **sampling,
         )
 
