@@ -11,6 +11,7 @@ than half-used.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -86,6 +87,13 @@ def tiny_qwen3_model_path() -> Path:
     return _cached("tiny-random-qwen3", _build_tiny_qwen3_model)
 
 
+def tiny_qwen3_thinking_model_path() -> Path:
+    """Return the tiny Qwen3 with a thinking-only chat template (Qwen3-Thinking-2507's: the
+    generation prompt opens ``<think>`` and there is no switch), so every reply starts inside its
+    reasoning. Random weights never close the block: a thinking budget does."""
+    return _cached("tiny-random-qwen3-thinking", _build_tiny_qwen3_thinking_model)
+
+
 def smollm2_path() -> Path:
     """Return the SmolLM2-135M-Instruct folder (bf16 safetensors, ChatML chat template)."""
     return _cached("smollm2-135m-instruct", _build_smollm2)
@@ -96,7 +104,8 @@ def resolve_model(name_or_path: str | None) -> str:
 
     Args:
         name_or_path: ``None`` or ``"demo"`` for the demo model, ``"tiny"`` for the test model
-            (``"tiny-qwen3"``: its Qwen3 thinking-model twin),
+            (``"tiny-qwen3"``: its Qwen3 thinking-model twin; ``"tiny-qwen3-thinking"``: the same
+            with a thinking-only template),
             a local folder, or a hub id (passed through for users with hub access).
 
     Returns:
@@ -108,6 +117,8 @@ def resolve_model(name_or_path: str | None) -> str:
         return str(tiny_model_path())
     if name_or_path == "tiny-qwen3":
         return str(tiny_qwen3_model_path())
+    if name_or_path == "tiny-qwen3-thinking":
+        return str(tiny_qwen3_thinking_model_path())
     local = Path(name_or_path).expanduser()
     return str(local.resolve()) if local.is_dir() else name_or_path
 
@@ -309,6 +320,27 @@ def _build_tiny_qwen3_model(folder: Path) -> None:
     )
 
 
+_HYBRID_GENERATION_PROMPT = "{{- '<|im_start|>assistant\\n' }}"
+_THINKING_ONLY_GENERATION_PROMPT = "{{- '<|im_start|>assistant\\n<think>\\n' }}"
+
+
+def _build_tiny_qwen3_thinking_model(folder: Path) -> None:
+    source = tiny_qwen3_model_path()
+    for item in source.iterdir():
+        if item.name not in ("tokenizer_config.json", DONE_MARKER):
+            shutil.copy2(item, folder / item.name)
+    config = json.loads((source / "tokenizer_config.json").read_text())
+    template = config["chat_template"]
+    if _HYBRID_GENERATION_PROMPT not in template:
+        raise ModelFetchError("the Qwen3 chat template changed: cannot make it thinking-only")
+    # As Qwen3-Thinking-2507 does: always open the block, no enable_thinking switch.
+    template = template.replace(_HYBRID_GENERATION_PROMPT, _THINKING_ONLY_GENERATION_PROMPT)
+    config["chat_template"] = template.replace(
+        "enable_thinking is defined and enable_thinking is false", "false"
+    )
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
 def write_random_qwen2(
     folder: Path,
     tokenizer_folder: Path,
@@ -389,5 +421,6 @@ __all__ = [
     "smollm2_path",
     "tiny_model_path",
     "tiny_qwen3_model_path",
+    "tiny_qwen3_thinking_model_path",
     "write_random_qwen2",
 ]

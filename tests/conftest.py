@@ -3,7 +3,6 @@ real vLLM OpenAI-compatible server on loopback for the server backend's tests.""
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import signal
@@ -41,29 +40,14 @@ def tiny_qwen3_model() -> Path:
 
 
 @pytest.fixture(scope="session")
-def thinking_only_model(tiny_qwen3_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def thinking_only_model() -> Path:
     """The tiny Qwen3 with a thinking-only template (Qwen3-Thinking-2507's: the generation
     prompt opens ``<think>``, no switch), so a reply starts inside its reasoning.
 
     Random weights never write ``</think>`` themselves; tests close the block with the thinking
     budget or stop inside it.
     """
-    folder = tmp_path_factory.mktemp("models") / "tiny-qwen3-thinking"
-    folder.mkdir()
-    for source in tiny_qwen3_model.iterdir():
-        if source.name != "tokenizer_config.json" and not source.name.startswith("."):
-            (folder / source.name).symlink_to(source)
-    config = json.loads((tiny_qwen3_model / "tokenizer_config.json").read_text())
-    hybrid_prompt = "{{- '<|im_start|>assistant\\n' }}"
-    assert hybrid_prompt in config["chat_template"]
-    # Thinking-2507 drops the switch and always opens the block.
-    template = config["chat_template"].replace(
-        hybrid_prompt, "{{- '<|im_start|>assistant\\n<think>\\n' }}"
-    )
-    template = template.replace("enable_thinking is defined and enable_thinking is false", "false")
-    config["chat_template"] = template
-    (folder / "tokenizer_config.json").write_text(json.dumps(config))
-    return folder
+    return models.tiny_qwen3_thinking_model_path()
 
 
 @pytest.fixture(scope="session")

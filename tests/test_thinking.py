@@ -232,6 +232,38 @@ def test_the_switch_reaches_the_prompt_and_the_default_length(tiny_qwen3_model: 
         with pytest.raises(ValueError, match="one sample"):
             bot.reply(Conversation(), "Hi", n=2, thinking_budget=1)
 
+        # The panel's control sets the session's default, which reaches the prompt.
+        from qwen_magic.jupyter.panel import QwenPanel
+
+        session = ChatSession()
+        session.bot = bot
+        panel = QwenPanel(session)
+        try:
+            assert panel.thinking.layout.display == "" and panel.thinking_row.layout.display == ""
+            panel.thinking.value = "off"
+            panel.thinking_budget.value = 5
+            assert (session.thinking, session.thinking_budget) == (False, 5)
+            reply = session.ask(None, "Hi", max_tokens=2)
+            assert reply.prompt_token_ids[-4:] == [think_start, 271, think_end, 271]
+            session.thinking, session.thinking_budget = None, None
+            assert (panel.thinking.value, panel.thinking_budget.value) == ("model default", -1)
+            reply = session.ask(None, "Hi", max_tokens=2)
+            assert reply.prompt_text.endswith("<|im_start|>assistant\n")
+        finally:
+            panel.close()
+            session.bot = None
+
+
+def test_the_panel_hides_thinking_controls_for_models_that_do_not_think() -> None:
+    from qwen_magic.jupyter.panel import QwenPanel
+
+    session = ChatSession()
+    panel = QwenPanel(session)  # no model: nothing to switch
+    try:
+        assert panel.thinking_row.layout.display == "none"
+    finally:
+        panel.close()
+
 
 # ---------------------------------------------------------------- the magics
 

@@ -62,6 +62,10 @@ __all__ = ["PanelMagics", "QwenPanel", "find_session", "panel"]
 _PANELS: weakref.WeakKeyDictionary[ChatSession, dict[str, QwenPanel]] = weakref.WeakKeyDictionary()
 
 
+# The thinking dropdown's labels and the session values they stand for.
+THINKING_CHOICES: dict[str, bool | None] = {"model default": None, "on": True, "off": False}
+
+
 class QwenPanel(widgets.VBox):
     """A control panel bound to one session (the single source of truth).
 
@@ -88,6 +92,24 @@ class QwenPanel(widgets.VBox):
         self.controls: dict[str, widgets.ValueWidget] = {}
         self.default_boxes: dict[str, widgets.Checkbox] = {}
         control_rows = [self._control_row(spec) for spec in CONTROL_SPECS]
+
+        # Thinking models only: shown when the loaded model has a switch / thinks at all.
+        self.thinking = widgets.Dropdown(
+            options=list(THINKING_CHOICES),
+            description="thinking",
+            tooltip="The chat template's thinking switch (%config QwenMagics.thinking)",
+        )
+        self.thinking_budget = widgets.IntText(
+            description="budget",
+            tooltip="Most reasoning tokens before the model must answer; -1: no limit "
+            "(%config QwenMagics.thinking_budget)",
+            layout=widgets.Layout(width="14em"),
+        )
+        self.thinking_row = widgets.HBox([self.thinking, self.thinking_budget])
+        self.thinking.observe(self._on_thinking_value_change, names="value")
+        self.thinking_budget.observe(self._on_thinking_budget_value_change, names="value")
+        session.observe(self._on_session_thinking_change, names=["thinking", "thinking_budget"])
+        self._on_session_thinking_change(None)
 
         self.system_text = widgets.Textarea(
             placeholder="(empty: the default system prompt, %config QwenMagics.system, "
@@ -132,6 +154,7 @@ class QwenPanel(widgets.VBox):
                 self.status,
                 widgets.HTML("<b>Sampling</b> (ticked: the model's default is used)"),
                 *control_rows,
+                self.thinking_row,
                 widgets.HTML("<b>System prompt</b>"),
                 self.system_text,
                 widgets.HTML("<b>History</b>"),
@@ -286,6 +309,10 @@ class QwenPanel(widgets.VBox):
             for spec in CONTROL_SPECS:
                 self._link_control(spec)
 
+        bot = self._session.bot
+        self.thinking.layout.display = "" if bot and bot.has_thinking_switch else "none"
+        self.thinking_row.layout.display = "" if bot and bot.thinks else "none"
+
         system_text = text_from_system(self.conversation.system)
         if self.system_text.value != system_text:
             self._showing_system = True
@@ -315,6 +342,10 @@ class QwenPanel(widgets.VBox):
         """Stop following the session, then close the widgets (closing twice is harmless)."""
         with contextlib.suppress(ValueError):  # already closed
             self._session.unobserve(self._on_session_revision_change, names="revision")
+        with contextlib.suppress(ValueError):
+            self._session.unobserve(
+                self._on_session_thinking_change, names=["thinking", "thinking_budget"]
+            )
         panels = _PANELS.get(self._session, {})
         if panels.get(self._conversation_name) is self:
             del panels[self._conversation_name]
@@ -337,6 +368,22 @@ class QwenPanel(widgets.VBox):
         except Exception as error:  # busy: a reply is being generated with the old prompt
             self._say(f"System prompt not changed: {error}", error=True)
             self.refresh()
+
+    def _on_thinking_value_change(self, change: Any) -> None:
+        self._session.thinking = THINKING_CHOICES[change["new"]]
+
+    def _on_thinking_budget_value_change(self, change: Any) -> None:
+        value = change["new"]
+        if value < -1:
+            self.thinking_budget.value = -1
+            return
+        self._session.thinking_budget = None if value == -1 else value
+
+    def _on_session_thinking_change(self, change: Any) -> None:
+        choice = {value: label for label, value in THINKING_CHOICES.items()}
+        self.thinking.value = choice[self._session.thinking]
+        budget = self._session.thinking_budget
+        self.thinking_budget.value = -1 if budget is None else budget
 
     def _on_clear_button_click(self, button: widgets.Button) -> None:
         try:
