@@ -74,11 +74,12 @@ class ChatSession(_SamplingDefaults):  # type: ignore[misc, valid-type]
     )
 
     def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+        # Set before the traits: ChatSession(system=...) runs the system observer at once.
         self.bot: QwenChat | None = None
         self.loaded_request: tuple[Any, ...] | None = None
         self.conversations: dict[str, Conversation] = {}
         self._request_lock = threading.Lock()
+        super().__init__(**kwargs)
 
     def __repr__(self) -> str:
         model = "no model" if self.bot is None else self.bot.backend.info.model
@@ -136,6 +137,18 @@ class ChatSession(_SamplingDefaults):  # type: ignore[misc, valid-type]
         if name not in self.conversations:
             self.conversations[name] = Conversation(system=self.system)
         return self.conversations[name]
+
+    def forget(self, name: str) -> bool:
+        """Drop a conversation entirely (a closed web page's); False when there was none.
+
+        Raises:
+            SessionBusy: A reply is being generated.
+        """
+        with self._exclusive():
+            forgotten = self.conversations.pop(name, None) is not None
+        if forgotten:
+            self.changed()
+        return forgotten
 
     def owns_system(self, name: str | None = None) -> bool:
         """Whether the conversation has its own system prompt (else it follows the default)."""

@@ -366,3 +366,14 @@ def test_the_server_backend_splits_the_same_way(
         assert reply.text == answer and conversation.turns[-1].assistant == answer
         cut = bot.reply(Conversation(), "Hello", max_tokens=4, **GREEDY)
         assert cut.stopped_while_thinking and cut.text == "" and cut.thinking_tokens == 4
+
+
+def test_session_construction_forget_and_retry_without_a_turn() -> None:
+    session = ChatSession(system="Be brief.", thinking=False, thinking_budget=8)
+    assert session.conversation("a").system == "Be brief."
+    assert session.forget("a") and not session.forget("a")
+    with pytest.raises(ValueError, match="no turn to retry"):
+        session.retry("empty")
+    assert not session.stop()  # nothing is being generated
+    with pytest.raises(Exception, match="thinking_budget must be >= 0"):
+        session.thinking_budget = -3
