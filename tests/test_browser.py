@@ -190,3 +190,90 @@ def test_quickstart_notebook_opens_in_jupyterlab(tmp_path: Path) -> None:
         assert page.locator(".jp-Dialog").count() == 0
         assert code_cells(page).count() > 0
         _shot(page, "lab-quickstart-opened")
+
+
+THINKING_CELLS = [
+    "%load_ext qwen_magic\n%qwen_load tiny-qwen3-thinking --max-model-len 1024 --enforce-eager",
+    # Long enough (random weights think until the budget) to click the block while it streams.
+    "%%qwen --thinking-budget 300 --max-tokens 330 --seed 3\nWhat is 17 * 23?",
+    "%%qwen --thinking-budget 8 --max-tokens 24 --seed 3\nAnd 17 * 24?",
+]
+
+
+KERNELSPEC = {"name": "python3", "display_name": "Python 3", "language": "python"}
+
+
+def _thinking_notebook(path: Path) -> None:
+    notebook = nbformat.v4.new_notebook(
+        cells=[nbformat.v4.new_code_cell(source) for source in THINKING_CELLS],
+        metadata={
+            "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}
+        },  # fmt: skip
+    )
+    nbformat.write(notebook, path)
+
+
+def test_thinking_block_in_jupyterlab(tmp_path: Path, thinking_only_model: Any) -> None:
+    """The reasoning streams into a block that a click opens (and that stays open while it grows);
+    the final block is a collapsed <details> above the answer, and stays so in the saved file."""
+    root = tmp_path / "root"
+    root.mkdir()
+    _thinking_notebook(root / "thinking.ipynb")
+    with (
+        jupyter_server("lab", root, tmp_path / "lab-home") as server,
+        chromium_page() as page,
+    ):
+        page.goto(server.notebook_url("thinking.ipynb"))
+        wait_for_kernel(page)
+        run_cell(page, 0, timeout=240)
+
+        cell = code_cells(page).nth(1)
+        cell.locator(".jp-InputArea-editor").click()
+        page.keyboard.press("Control+Enter")
+        header = cell.locator(".jupyter-widget-Collapse-header")
+        header.wait_for(state="visible", timeout=120_000)
+        assert "Thinking" in header.inner_text()
+        header.click()  # open it while it streams
+        contents = cell.locator(".jupyter-widget-Collapse-contents")
+        first = contents.inner_text()
+        time.sleep(1.5)
+        assert contents.is_visible() and len(contents.inner_text()) > len(first)
+        _shot(page, "lab-thinking-1-open-while-streaming")
+        prompt = cell.locator(".jp-InputPrompt")
+        page.wait_for_function(
+            "prompt => /^\\[\\d+\\]/.test(prompt.textContent.trim())",
+            arg=prompt.element_handle(),
+            timeout=300_000,
+        )
+        block = cell.locator("details.qwen-thinking")
+        # The final block replaces the widget: collapsed again (the kernel cannot know of the
+        # click while the cell runs), with the final summary.
+        assert block.count() == 1 and cell.locator(".jupyter-widget-Collapse").count() == 0
+        assert "Thought for" in block.locator("summary").inner_text()
+
+        run_cell(page, 2)
+        third = code_cells(page).nth(2)
+        block = third.locator("details.qwen-thinking")
+        assert block.count() == 1 and block.get_attribute("open") is None  # collapsed
+        summary = block.locator("summary").inner_text()
+        assert "Thought for" in summary and "8 tokens" in summary
+        assert not block.locator("div").is_visible()
+        outputs = third.locator(".jp-OutputArea-output")
+        answer = outputs.nth(outputs.count() - 1).inner_text()
+        assert "Considering the limited time" not in answer  # the reasoning stays in its block
+        block.locator("summary").click()
+        assert "Considering the limited time" in block.locator("div").inner_text()
+        _shot(page, "lab-thinking-2-collapsed-then-opened")
+
+        page.keyboard.press("Control+S")
+        deadline = time.monotonic() + 30
+        saved_html: list[str] = []
+        while time.monotonic() < deadline and not saved_html:
+            time.sleep(0.5)
+            saved = nbformat.read(root / "thinking.ipynb", as_version=4)
+            saved_html = [
+                "".join(output.get("data", {}).get("text/html", ""))
+                for output in saved.cells[2].get("outputs", [])
+                if "qwen-thinking" in "".join(output.get("data", {}).get("text/html", ""))
+            ]
+        assert saved_html and '<details class="qwen-thinking">' in saved_html[0]

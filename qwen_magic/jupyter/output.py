@@ -8,8 +8,9 @@ plain text to stdout.
 
 A thinking model's reasoning goes to its own block above the answer (:class:`ThinkingView`):
 collapsed by default, and in a live kernel an ipywidgets Accordion while it streams, so a click
-opens it and it stays open as the text grows; the final block is plain HTML ``<details>``, which
-the saved notebook keeps.
+opens it and it stays open as the text grows. When the reply ends it becomes a plain HTML
+``<details>``, which the saved notebook keeps, collapsed again (``--show-thinking open`` keeps it
+open): a kernel busy with the cell hears the click only after it, too late to know.
 """
 
 from __future__ import annotations
@@ -259,8 +260,7 @@ class ThinkingView:
             return
         mode = self.mode
         if self._accordion is not None:
-            if self._accordion.selected_index == 0:
-                mode = "open"  # the user opened it while it streamed: keep it open
+            # Its open state cannot be kept: the kernel hears the click only after the cell.
             self._accordion.close()
         if self.notebook:
             self.output.set(
