@@ -203,12 +203,13 @@ THINKING_CELLS = [
 KERNELSPEC = {"name": "python3", "display_name": "Python 3", "language": "python"}
 
 
+KERNELSPEC = {"name": "python3", "display_name": "Python 3", "language": "python"}
+
+
 def _thinking_notebook(path: Path) -> None:
     notebook = nbformat.v4.new_notebook(
         cells=[nbformat.v4.new_code_cell(source) for source in THINKING_CELLS],
-        metadata={
-            "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}
-        },  # fmt: skip
+        metadata={"kernelspec": KERNELSPEC},
     )
     nbformat.write(notebook, path)
 
