@@ -99,6 +99,22 @@ def test_llm_kwargs_defaults_per_device(tmp_path: Path) -> None:
     assert "gpu_memory_utilization" not in gpu
 
 
+def test_gpu_starts_fast_unless_compile_or_eager_is_asked(tmp_path: Path) -> None:
+    from qwen_magic.backends.vllm_options import FAST_START_COMPILATION
+
+    def compilation(**given: Any) -> Any:
+        options = EngineOptions(model=str(tmp_path), **given)
+        return options.llm_kwargs(device="cuda").get("compilation_config")
+
+    assert compilation() == FAST_START_COMPILATION
+    assert compilation(compile=True) is None  # vLLM's own default: torch.compile
+    assert compilation(enforce_eager=True) is None
+    assert compilation(extra={"compilation_config": {"mode": 3}}) == {"mode": 3}
+    assert "compilation_config" not in EngineOptions(model=str(tmp_path)).llm_kwargs(device="cpu")
+    with pytest.raises(EngineError, match="compile must be True or False"):
+        EngineOptions(model=str(tmp_path), compile="yes")
+
+
 def test_llm_kwargs_drop_options_this_vllm_lacks(tmp_path: Path) -> None:
     options = EngineOptions(model=str(tmp_path), enable_prefix_caching=True, kv_cache_gib=1)
     kwargs = options.llm_kwargs(device="cpu", accepted={"model", "dtype"})

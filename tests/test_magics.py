@@ -90,6 +90,38 @@ def test_load_ext_is_lazy_and_instant() -> None:
     assert registered == "True"
 
 
+@pytest.mark.engine
+def test_preload_imports_vllm_in_the_background_while_load_ext_returns_at_once(
+    tiny_model: Path,
+) -> None:
+    code = (
+        "import sys, time\n"
+        "from IPython.testing.globalipapp import start_ipython\n"
+        "ip = start_ipython()\n"
+        "ip.run_line_magic('config', 'QwenMagics.preload = \"always\"')\n"
+        "start = time.perf_counter()\n"
+        "ip.run_line_magic('load_ext', 'qwen_magic')\n"
+        "took = time.perf_counter() - start\n"
+        "while 'vllm.entrypoints.llm' not in sys.modules and time.perf_counter() - start < 120:\n"
+        "    time.sleep(0.2)\n"
+        "time.sleep(3)  # the thread finishes its imports\n"
+        "from qwen_magic.backends import _vllm_compat\n"
+        "waited = time.perf_counter()\n"
+        "_vllm_compat.import_vllm()\n"
+        "left = time.perf_counter() - waited\n"
+        f"ip.run_line_magic('qwen_load', '{tiny_model} --max-model-len 256 --enforce-eager')\n"
+        "print('RESULT', took, left, ip.user_ns.get('_qwen_magic_session') is None)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    took, left = (float(value) for value in result.stdout.split("RESULT")[1].split()[:2])
+    assert took < 2.0  # %load_ext did not wait for the import
+    assert left < 1.0  # %qwen_load found it done
+    assert "loaded" in result.stdout
+
+
 def test_unload_ext_removes_magics_and_reload_works(ip: InteractiveShell) -> None:
     ip.run_line_magic("unload_ext", "qwen_magic")
     assert "qwen" not in ip.magics_manager.magics["cell"]

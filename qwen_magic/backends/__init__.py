@@ -12,7 +12,34 @@ from typing import Any
 
 from qwen_magic.backends.base import Backend, BackendBusy, BackendError, BackendInfo, Delta
 
-__all__ = ["Backend", "BackendBusy", "BackendError", "BackendInfo", "Delta", "open_backend"]
+__all__ = [
+    "Backend",
+    "BackendBusy",
+    "BackendError",
+    "BackendInfo",
+    "Delta",
+    "has_nvidia_gpu",
+    "open_backend",
+    "preload_engine",
+]
+
+
+def has_nvidia_gpu() -> bool:
+    """Whether this machine shows an NVIDIA GPU to this process (checked without torch)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return False
+    return os.path.exists("/dev/nvidiactl") or os.path.exists("/proc/driver/nvidia/version")
+
+
+def preload_engine() -> bool:
+    """Start importing vLLM in a background thread; False when it is imported or underway.
+
+    The import takes 10-20 s; started at ``%load_ext`` it overlaps the user's reading and typing,
+    and ``%qwen_load`` only waits for what is left of it.
+    """
+    from qwen_magic.backends.vllm_local import start_import
+
+    return start_import()
 
 
 def open_backend(

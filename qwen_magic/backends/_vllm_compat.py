@@ -5,7 +5,10 @@ checks, never by comparing version strings.
 
 - ``vllm`` is first imported in a short-lived thread: its import leaves an exception traceback
   behind that pins the importing call stack, and an engine referenced from that stack would
-  survive unloading.
+  survive unloading. :func:`start_import` starts that thread early (at ``%load_ext``, on a GPU
+  machine), so the 10-20 s import overlaps the user's reading; :func:`import_vllm` joins it.
+- :func:`load_phases` turns vLLM's own log lines into the load display's phases (loading
+  weights, compiling, capturing CUDA graphs), whether or not those lines are shown.
 - An interrupt that arrives while the engine is inside ``step()`` is held back until the step
   returns (a few tens of ms), so it never lands in the middle of the scheduler's bookkeeping.
 """
@@ -14,7 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import io
 import logging
+import os
 import signal
 import sys
 import threading
@@ -34,21 +39,42 @@ _VLLM_MODULES = (
 )
 
 
-def import_vllm() -> ModuleType:
-    """Import vLLM (in a throwaway thread the first time, see the module docstring)."""
-    if "vllm.entrypoints.llm" not in sys.modules:
-        failure: list[BaseException] = []
+_import_lock = threading.Lock()
+_import_thread: threading.Thread | None = None
+_import_failure: list[BaseException] = []
+
+
+def start_import() -> bool:
+    """Start importing vLLM in the background (once); False when it is imported or underway."""
+    global _import_thread
+    with _import_lock:
+        if _import_thread is not None or "vllm.entrypoints.llm" in sys.modules:
+            return False
 
         def work() -> None:
             try:
                 for name in _VLLM_MODULES:
                     importlib.import_module(name)
-            except BaseException as error:  # re-raised below, on the caller's side
-                failure.append(error)
+            except BaseException as error:  # re-raised by import_vllm, on the caller's side
+                _import_failure.append(error)
 
-        thread = threading.Thread(target=work, name="qwen-magic-import-vllm", daemon=True)
-        thread.start()
-        thread.join()
+        _import_thread = threading.Thread(target=work, name="qwen-magic-import-vllm", daemon=True)
+        _import_thread.start()
+        return True
+
+
+def import_vllm() -> ModuleType:
+    """Import vLLM (in a throwaway thread the first time, see the module docstring)."""
+    global _import_thread
+    if "vllm.entrypoints.llm" not in sys.modules or _import_thread is not None:
+        start_import()
+        thread = _import_thread
+        if thread is not None:
+            thread.join()
+        with _import_lock:
+            _import_thread = None
+            failure = list(_import_failure)
+            _import_failure.clear()
         if failure:
             error = failure[0]
             if isinstance(error, ImportError):
@@ -170,11 +196,84 @@ def set_log_level(verbose: bool) -> None:
     vLLM's handler takes its level from the environment at its first import, so the handlers are
     set too: otherwise ``--verbose`` on a second load would show nothing.
     """
-    level = logging.INFO if verbose else logging.ERROR
+    LOG_SINK.verbose = verbose
+    routed = os.environ.get("VLLM_LOGGING_STREAM") == LOG_SINK_STREAM
     logger = logging.getLogger("vllm")
+    # Routed to the sink (once vLLM installed its handler: before that, lines would reach
+    # Python's last-resort handler), every line is read there and shown only if verbose.
+    level = logging.INFO if verbose or (routed and logger.handlers) else logging.ERROR
     logger.setLevel(level)
     for handler in logger.handlers:
         handler.setLevel(level)
+
+
+# Substrings of vLLM's log lines (lowercased) and the load phase each one starts.
+_PHASES = (
+    ("starting to load model", "loading weights"),
+    ("loading weights took", "weights loaded"),
+    ("model loading took", "weights loaded"),
+    ("dynamo bytecode transform", "compiling (torch.compile)"),
+    ("compiling a graph", "compiling (torch.compile)"),
+    ("capturing cuda graph", "capturing CUDA graphs"),
+    ("capturing cudagraph", "capturing CUDA graphs"),
+    ("graph capturing finished", "warming up"),
+    ("kv cache size", "allocating the KV cache"),
+)
+_SHOWN_ANYWAY = (" ERROR ", " CRITICAL ")
+
+
+class LogSink(io.TextIOBase):
+    """Where vLLM's log handler writes (``VLLM_LOGGING_STREAM``): every line is read for the load
+    phases; lines reach stdout (vLLM's own default) only when verbose, errors always."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.verbose = False
+        self.progress: Any = None
+        self._phase = ""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        progress = self.progress
+        if progress is not None:
+            lowered = text.lower()
+            for needle, phase in _PHASES:
+                if needle in lowered and phase != self._phase:
+                    self._phase = phase
+                    progress(phase)
+                    break
+        if self.verbose or any(mark in text for mark in _SHOWN_ANYWAY):
+            sys.stdout.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        if self.verbose:
+            sys.stdout.flush()
+
+
+LOG_SINK = LogSink()
+LOG_SINK_STREAM = f"ext://{__name__}.LOG_SINK"
+
+
+def route_logs() -> None:
+    """Send vLLM's log lines to :data:`LOG_SINK` (unless the user chose a stream or a level);
+    call before vLLM is first imported."""
+    os.environ.setdefault("VLLM_LOGGING_STREAM", LOG_SINK_STREAM)
+    if os.environ["VLLM_LOGGING_STREAM"] == LOG_SINK_STREAM:
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO")
+
+
+@contextlib.contextmanager
+def load_phases(progress: Any) -> Iterator[None]:
+    """Call ``progress(phase)`` as vLLM's log says the load moves on (loading weights,
+    compiling, capturing CUDA graphs); needs :func:`route_logs`, else shows nothing."""
+    LOG_SINK.progress, LOG_SINK._phase = progress, ""
+    try:
+        yield
+    finally:
+        LOG_SINK.progress = None
 
 
 def engine_prompt(llm_engine: Any, prompt_token_ids: list[int]) -> Any:

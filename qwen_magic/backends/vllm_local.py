@@ -40,6 +40,25 @@ from qwen_magic.sampling import GENERATION_DEFAULT_KEYS, resolve, validate
 __all__ = ["Engine", "EngineError", "EngineOptions"]
 
 
+def prepare_import(*, verbose: bool = False) -> None:
+    """Set what vLLM reads (and caches) from the environment at import; see the module
+    docstring. Idempotent: the first call decides."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    compat.route_logs()  # vLLM's log lines: read for the load phases, shown if verbose
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO" if verbose else "ERROR")
+    if not verbose:  # torch's C++ notices (NUMA binding on CPU); read when torch loads
+        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+    compat.set_log_level(verbose)  # before the import: some of its log lines come at import
+
+
+def start_import() -> bool:
+    """Start importing vLLM in the background (``%load_ext`` on a GPU machine), so that the
+    10-20 s import overlaps what the user does next; False when it is done or underway."""
+    prepare_import()
+    with compat.quiet_unless(False):
+        return compat.start_import()
+
+
 class Engine:
     """One vLLM engine holding one model; stream replies from token ids.
 
@@ -66,13 +85,8 @@ class Engine:
         self._busy = threading.Lock()
         self.device = "cpu"
         started = time.perf_counter()
-        # Must be decided before vLLM reads (and caches) its environment; see module docstring.
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO" if verbose else "ERROR")
-        if not verbose:  # torch's C++ notices (NUMA binding on CPU); read when torch loads
-            os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+        prepare_import(verbose=verbose)
         self._progress("importing vLLM")
-        compat.set_log_level(verbose)  # before the import: some of its log lines come at import
         with compat.quiet_unless(verbose):
             vllm = compat.import_vllm()
         compat.set_log_level(verbose)  # the import installed vLLM's own handler
@@ -88,7 +102,8 @@ class Engine:
         if not verbose and "use_tqdm_on_load" in accepted:
             kwargs.setdefault("use_tqdm_on_load", False)  # our progress line says it all
         self._progress("starting engine")
-        self._llm = self._start(vllm, kwargs, verbose=verbose)
+        with compat.load_phases(self._progress):
+            self._llm = self._start(vllm, kwargs, verbose=verbose)
         self.max_model_len: int = int(self._llm.llm_engine.model_config.max_model_len)
         self.generation_defaults: dict[str, Any] = compat.read_generation_defaults(
             self._llm, GENERATION_DEFAULT_KEYS

@@ -23,12 +23,28 @@ def session_for(shell: Any) -> ChatSession:
 
 
 def load_ipython_extension(ipython: Any) -> None:
-    """Register the magics on the shell's session; vLLM is imported only by ``%qwen_load``."""
+    """Register the magics on the shell's session. Returns at once: vLLM is imported by
+    ``%qwen_load``, or (``QwenMagics.preload``, on by default on a GPU machine) in a
+    background thread started here."""
     from qwen_magic.jupyter.magics import QwenMagics
     from qwen_magic.jupyter.panel import PanelMagics
 
-    ipython.register_magics(QwenMagics(shell=ipython, session=session_for(ipython)))
+    magics = QwenMagics(shell=ipython, session=session_for(ipython))
+    ipython.register_magics(magics)
     ipython.register_magics(PanelMagics)
+    if _should_preload(magics):
+        from qwen_magic.backends import preload_engine
+
+        preload_engine()
+
+
+def _should_preload(magics: Any) -> bool:
+    """QwenMagics.preload: "always", "never", or "auto" (a GPU machine that loads locally)."""
+    if magics.preload != "auto":
+        return magics.preload == "always"
+    from qwen_magic.backends import has_nvidia_gpu
+
+    return magics.server is None and has_nvidia_gpu()
 
 
 def unload_ipython_extension(ipython: Any) -> None:

@@ -157,6 +157,12 @@ class QwenMagics(_SamplingConfig):  # type: ignore[misc, valid-type]
         help="How a thinking model's reasoning shows: a collapsed block, an open one, or only "
         "its summary line.",
     ).tag(config=True)
+    preload = Enum(
+        ["auto", "always", "never"],
+        "auto",
+        help="Start importing vLLM (10-20 s) in the background at %load_ext, so %qwen_load waits "
+        "less: auto does it on a machine with an NVIDIA GPU and no QwenMagics.server.",
+    ).tag(config=True)
     display_mode = Enum(
         ["auto", "notebook", "terminal"],
         "auto",
@@ -260,6 +266,8 @@ class QwenMagics(_SamplingConfig):  # type: ignore[misc, valid-type]
     @argument("--tensor-parallel-size", type=int, help="number of GPUs to split the model over")
     @argument("--quantization", help="e.g. awq, gptq, fp8")
     @argument("--enforce-eager", action="store_const", const=True, help="no CUDA graphs")
+    @argument("--compile", action="store_const", const=True,
+              help="GPU: torch.compile as vLLM does by default (slower start)")  # fmt: skip
     @argument("--trust-remote-code", action="store_const", const=True, help="run model code")
     @argument("--seed", type=int, help="engine random seed")
     @argument("--kv-cache-gib", type=float, help="KV cache size (CPU default: up to 4 GiB)")

