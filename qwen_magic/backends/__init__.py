@@ -79,16 +79,18 @@ def open_backend(
         return ServerBackend(server, api_key=api_key, api_key_env=api_key_env, model=model)
     if model is None:
         raise BackendError("no model given: pass a local folder or a hub id")
-    from qwen_magic.backends.managed_server import needs_own_process, start_managed_server
-    from qwen_magic.backends.vllm_local import Engine
-    from qwen_magic.backends.vllm_options import EngineOptions
+    from qwen_magic.backends.vllm_options import EngineOptions, needs_own_process
 
     # Parallel workers started in-process share the kernel's process group and exit on SIGINT,
     # so the first Jupyter interrupt would kill them; a server in its own session never sees it.
     if serve or needs_own_process(options):
+        from qwen_magic.backends.managed_server import start_managed_server  # imports httpx
+
         if not serve and progress is not None:
             progress("parallel workers run in a vLLM server of their own (safe from interrupts)")
         return start_managed_server(model, progress=progress, verbose=verbose, **options)
+    from qwen_magic.backends.vllm_local import Engine
+
     return Engine(EngineOptions(model=model, **options), progress=progress, verbose=verbose)
 
 

@@ -44,8 +44,12 @@ _import_thread: threading.Thread | None = None
 _import_failure: list[BaseException] = []
 
 
-def start_import() -> bool:
-    """Start importing vLLM in the background (once); False when it is imported or underway."""
+def start_import(*, warm_device: bool = False) -> bool:
+    """Start importing vLLM in the background (once); False when it is imported or underway.
+
+    ``warm_device`` then also creates the CUDA context: on a freshly started machine the
+    driver's first use took about 20 s (docs/benchmarks.md), which this overlaps as well.
+    """
     global _import_thread
     with _import_lock:
         if _import_thread is not None or "vllm.entrypoints.llm" in sys.modules:
@@ -57,10 +61,24 @@ def start_import() -> bool:
                     importlib.import_module(name)
             except BaseException as error:  # re-raised by import_vllm, on the caller's side
                 _import_failure.append(error)
+                return
+            if warm_device:
+                _create_cuda_context()
 
         _import_thread = threading.Thread(target=work, name="qwen-magic-import-vllm", daemon=True)
         _import_thread.start()
         return True
+
+
+def _create_cuda_context() -> None:
+    """Make the process's CUDA context now (vLLM would make it while loading)."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.empty(1, device="cuda")
+    except Exception:  # only a head start: vLLM's load reports any real problem itself
+        pass
 
 
 def import_vllm() -> ModuleType:

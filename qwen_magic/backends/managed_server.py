@@ -46,11 +46,13 @@ import httpx
 
 from qwen_magic.backends.base import BackendError
 from qwen_magic.backends.openai_http import ServerBackend
-from qwen_magic.backends.vllm_options import EngineOptions
+from qwen_magic.backends.vllm_options import (
+    EngineOptions,
+    needs_own_process,  # noqa: F401  (re-exported)
+)
 
 __all__ = [
     "ManagedServer",
-    "needs_own_process",
     "server_arguments",
     "server_environment",
     "start_managed_server",
@@ -78,17 +80,6 @@ _EXCEPTION_LINE = re.compile(r"(\w+\.)*\w*(Error|Exception|Exit)(: |$)")
 _POINTER = re.compile(r"root cause|see (the )?(stack trace|above|log)", re.I)
 _ERROR_LINE = re.compile(r"\bERROR\b|error:|Error:")
 _LOG_PREFIX = re.compile(r"^\(\w[\w-]* pid=\d+\)\s+(\w+\s+\d\d-\d\d [\d:]+\s+\[[^\]]*\]\s+)?")
-
-
-def needs_own_process(engine_options: Mapping[str, Any]) -> bool:
-    """Whether these options start parallel workers, which a kernel interrupt would kill."""
-    tensor_parallel = engine_options.get("tensor_parallel_size", 1)
-    extra = engine_options.get("extra") or {}
-    pipeline_parallel = extra.get("pipeline_parallel_size", 1) if isinstance(extra, dict) else 1
-    return any(
-        isinstance(size, int) and not isinstance(size, bool) and size > 1
-        for size in (tensor_parallel, pipeline_parallel)
-    )
 
 
 def runs_on_cpu() -> bool:

@@ -52,11 +52,12 @@ def prepare_import(*, verbose: bool = False) -> None:
 
 
 def start_import() -> bool:
-    """Start importing vLLM in the background (``%load_ext`` on a GPU machine), so that the
-    10-20 s import overlaps what the user does next; False when it is done or underway."""
+    """Start importing vLLM, and creating the CUDA context, in the background (``%load_ext`` on
+    a GPU machine), so that both overlap what the user does next; False when it is done or
+    underway."""
     prepare_import()
     with compat.quiet_unless(False):
-        return compat.start_import()
+        return compat.start_import(warm_device=True)
 
 
 class Engine:

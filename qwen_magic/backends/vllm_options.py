@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -192,6 +193,17 @@ class EngineOptions:
 # torch.compile first (35 s with a warm compile cache, 69 s without, on an H100 for the 0.5B
 # shape); this starts in about half that and decoded as fast (docs/benchmarks.md).
 FAST_START_COMPILATION = {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"}
+
+
+def needs_own_process(engine_options: Mapping[str, Any]) -> bool:
+    """Whether these options start parallel workers, which a kernel interrupt would kill."""
+    tensor_parallel = engine_options.get("tensor_parallel_size", 1)
+    extra = engine_options.get("extra") or {}
+    pipeline_parallel = extra.get("pipeline_parallel_size", 1) if isinstance(extra, dict) else 1
+    return any(
+        isinstance(size, int) and not isinstance(size, bool) and size > 1
+        for size in (tensor_parallel, pipeline_parallel)
+    )
 
 
 def default_cpu_kv_cache_gib() -> float:
