@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from IPython import get_ipython
 from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.testing.globalipapp import start_ipython
@@ -270,8 +271,9 @@ def test_the_panel_hides_thinking_controls_for_models_that_do_not_think() -> Non
 
 @pytest.fixture(scope="module")
 def ip(thinking_only_model: Path) -> Iterator[InteractiveShell]:
-    shell = start_ipython()
-    shell.run_line_magic("load_ext", "qwen_magic")
+    shell = start_ipython() or get_ipython()  # one global shell per test process
+    if "QwenMagics" not in shell.magics_manager.registry:
+        shell.run_line_magic("load_ext", "qwen_magic")
     magics = shell.magics_manager.registry["QwenMagics"]
     shell.run_line_magic(
         "qwen_load", f"{thinking_only_model} --max-model-len 1024 --enforce-eager --seed 0"
