@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass, field
@@ -41,13 +41,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 from qwen_magic.backends import Backend, BackendError, open_backend
+from qwen_magic.backends.base import BatchRequest
+from qwen_magic.batch import BatchItem, BatchResult, Job, plan_jobs
 from qwen_magic.chatml import ChatFormatter, ChatTokenizer
 from qwen_magic.conversation import Conversation, Recorded
-from qwen_magic.prompt import PromptPlan, fit_prompt
+from qwen_magic.prompt import BudgetError, PromptPlan, fit_prompt
 from qwen_magic.reasoning import ReasoningSplitter, SplitReply
 from qwen_magic.sampling import default_max_tokens, validate
 
-__all__ = ["BUDGET_CLOSE_TEXT", "QwenChat", "Reply"]
+__all__ = ["BUDGET_CLOSE_TEXT", "BatchResult", "QwenChat", "Reply"]
 
 # What closes a think block when the thinking budget runs out: Qwen's own sentence
 # (QwenLM/Qwen3 docs, "thinking budget"), then the block's end; the model goes on to answer.
@@ -449,6 +451,182 @@ class QwenChat:
             message, reply.text, key=key, interrupted=reply.interrupted, reasoning=reply.reasoning
         )
 
+    def batch(
+        self,
+        prompts: str | Sequence[str],
+        *,
+        rows: Any = None,
+        system: str | None = None,
+        history: Sequence[Any] | None = None,
+        sweep: Mapping[str, Sequence[Any]] | None = None,
+        n: int = 1,
+        enable_thinking: bool | None = None,
+        on_overflow: Literal["error", "truncate"] = "error",
+        concurrency: int | None = None,
+        progress: bool = True,
+        on_reply: Callable[[int, Reply], None] | None = None,
+        **sampling: Any,
+    ) -> BatchResult:
+        """Answer many messages at once: one batch for the engine, concurrent requests for a
+        server. Each message is formatted as :meth:`chat` formats it (system, history, ChatML).
+
+        Args:
+            prompts: A list of messages; or one message, a template when ``rows`` is given
+                (``"Translate to French: {text}"``; see :mod:`qwen_magic.batch` for the rules).
+            rows: Fill the template: a pandas DataFrame, a list of dicts, or a list of strings
+                for a template with one field.
+            system: The system prompt; None uses the model template's own.
+            history: Past ``(query, response)`` pairs (or turns) every message follows.
+            sweep: Sampling setting -> values; every message runs once per combination
+                (``{"temperature": [0, 0.7]}``), labelled in the result.
+            n: Samples per message.
+            enable_thinking: A thinking model's switch (None: the model's default).
+            on_overflow: A message that does not fit: "error" (before anything is sent) or
+                "truncate".
+            concurrency: Most requests in flight (a server's default: 32; the local engine
+                takes them all and schedules them itself).
+            progress: Show a progress bar (``tqdm.auto``: a widget in a notebook).
+            on_reply: Called as ``on_reply(index, reply)`` as each reply completes.
+            **sampling: As in :meth:`chat`; a sweep's values override them.
+
+        Returns:
+            A :class:`qwen_magic.batch.BatchResult`: the replies in input order, each a
+            :class:`Reply` (``.sampling`` holds what it was sent), with their inputs and sweep
+            settings; ``.table()`` makes a DataFrame. Interrupted when :meth:`stop` stopped it.
+
+        Raises:
+            ValueError, TypeError: A missing template field, a bad sweep or setting, a message
+                that does not fit; raised before anything is sent.
+            KeyboardInterrupt: The batch was interrupted: every unfinished request is aborted
+                and the partial :class:`BatchResult` (finished replies kept, the others marked
+                ``interrupted``) is attached as ``exc.result``.
+        """
+        _check_n(n)
+        self.check_thinking(enable_thinking, None)
+        if concurrency is not None and (
+            isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1
+        ):
+            raise ValueError(f"concurrency must be a whole number >= 1, got {concurrency!r}")
+        jobs = plan_jobs(prompts, rows=rows, sweep=sweep)
+        pairs = [item for item in history or [] if isinstance(item, (tuple, list))]
+        if pairs and len(pairs) != len(history or []):
+            raise TypeError("history must be all (query, response) pairs or all turns")
+        conversation = (
+            Conversation.from_pairs(pairs, system=system)
+            if pairs
+            else Conversation(system=system, turns=list(history or []))
+        )
+        planned = []
+        for position, job in enumerate(jobs):
+            try:
+                planned.append(
+                    self._plan(
+                        conversation,
+                        job.message,
+                        {**sampling, **job.settings},
+                        use_history=True,
+                        key=None,
+                        enable_thinking=enable_thinking,
+                        on_overflow=on_overflow,
+                    )
+                )
+            except BudgetError as error:
+                raise type(error)(f"message {position}: {error}") from None
+        return self._run_batch(
+            jobs,
+            planned,
+            n=n,
+            enable_thinking=enable_thinking,
+            concurrency=concurrency,
+            progress=progress,
+            on_reply=on_reply,
+        )
+
+    def _run_batch(
+        self,
+        jobs: list[Job],
+        planned: list[tuple[PromptPlan, dict[str, Any]]],
+        *,
+        n: int,
+        enable_thinking: bool | None,
+        concurrency: int | None,
+        progress: bool,
+        on_reply: Callable[[int, Reply], None] | None,
+    ) -> BatchResult:
+        """Send the planned jobs as one batch; on KeyboardInterrupt attach the partial
+        BatchResult and re-raise."""
+        started = time.perf_counter()
+        self._stop_requested.clear()
+        splitters = [
+            [
+                ReasoningSplitter.for_tokenizer(self.tokenizer, enable_thinking=enable_thinking)
+                for _ in range(n)
+            ]
+            for _ in jobs
+        ]
+        reasons: list[list[str | None]] = [[None] * n for _ in jobs]
+        generated, samples_done = [0] * len(jobs), [0] * len(jobs)
+        cached: list[int | None] = [None] * len(jobs)
+        replies: list[Reply | None] = [None] * len(jobs)
+
+        def build(index: int, interrupted: bool) -> Reply:
+            plan, values = planned[index]
+            thinking = [splitter.result() for splitter in splitters[index]]
+            return Reply(
+                texts=[split.answer for split in thinking],
+                plan=plan,
+                sampling=dict(values, n=n),
+                finish_reasons=list(reasons[index]),
+                interrupted=interrupted,
+                num_prompt_tokens=len(plan.token_ids),
+                num_generated_tokens=generated[index],
+                elapsed_s=time.perf_counter() - started,
+                prompt_text=plan.text,
+                prompt_token_ids=list(plan.token_ids),
+                num_cached_tokens=cached[index],
+                thinking=thinking,
+            )
+
+        def result(interrupted: bool) -> BatchResult:
+            items = [
+                BatchItem(job, reply if reply is not None else build(index, True))
+                for index, (job, reply) in enumerate(zip(jobs, replies, strict=True))
+            ]
+            return BatchResult(items, interrupted, time.perf_counter() - started)
+
+        requests = [BatchRequest(plan.token_ids, values, n) for plan, values in planned]
+        deltas = self.backend.generate_many(
+            requests, stop_token_ids=self.tokenizer.stop_token_ids, concurrency=concurrency
+        )
+        bar = _progress_bar(len(jobs)) if progress else None
+        stopped = False
+        try:
+            for index, delta in deltas:
+                splitters[index][delta.index].feed(delta.token_ids, delta.text)
+                generated[index] += len(delta.token_ids)
+                reasons[index][delta.index] = delta.finish_reason
+                if delta.num_cached_tokens is not None:
+                    cached[index] = delta.num_cached_tokens
+                samples_done[index] += 1
+                if samples_done[index] == n:
+                    replies[index] = build(index, False)
+                    if bar is not None:
+                        bar.update(1)
+                    if on_reply is not None:
+                        on_reply(index, replies[index])
+                if self._stop_requested.is_set():
+                    stopped = True
+                    break
+        except KeyboardInterrupt as interrupt:
+            deltas.close()  # abort now: the interrupt may have come from a callback
+            interrupt.result = result(True)  # type: ignore[attr-defined]
+            raise
+        finally:
+            deltas.close()
+            if bar is not None:
+                bar.close()
+        return result(stopped)
+
     def complete(
         self,
         text: str,
@@ -664,6 +842,13 @@ class _Generation:
                     return
             finally:
                 stream.close()
+
+
+def _progress_bar(total: int) -> Any:
+    """A ``tqdm.auto`` bar: a widget in a notebook, a text bar on stderr elsewhere."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="qwen batch", unit="reply", dynamic_ncols=True)
 
 
 def _check_n(n: int) -> None:

@@ -486,3 +486,50 @@ def format_memory(memory: Mapping[str, Any]) -> str:
 
     shown = [f"{key} {size(value)}" for key, value in memory.items() if value is not None]
     return ", ".join(shown) or "n/a"
+
+
+def batch_summary(count: int, seconds: float, tokens: int, *, unfinished: int = 0) -> str:
+    """``%%qwen --each`` / ``--sweep``: what the batch did, in one line."""
+    speed = f", {tokens / seconds:.0f} tokens/s" if seconds > 0 else ""
+    done = f"{count - unfinished} of {count} replies" if unfinished else f"{count} replies"
+    mark = f" ({INTERRUPTED})" if unfinished else ""
+    return f"{done} in {seconds:.1f} s, {tokens} tokens{speed}{mark}"
+
+
+def render_batch_table(rows: Sequence[Mapping[str, Any]], *, summary: str = "") -> Bundle:
+    """A batch's results, one row per reply (inputs, settings, reply, tokens, finish reason).
+
+    Cells are model output or user data, so they are escaped as every reply is; the Markdown
+    keeps one line per row (newlines become spaces), the HTML keeps the reply's lines.
+    """
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    markdown = [f"*{summary}*", ""] if summary else []
+    markdown += [
+        "| " + " | ".join(_safe_cell(column) for column in columns) + " |",
+        "|" + "---|" * len(columns),
+    ]
+    markdown += [
+        "| " + " | ".join(_safe_cell(row.get(column, "")) for column in columns) + " |"
+        for row in rows
+    ]
+    head = "".join(f"<th>{html.escape(str(column))}</th>" for column in columns)
+    body = "".join(
+        "<tr>"
+        + "".join(
+            f'<td style="white-space:pre-wrap;text-align:left">'
+            f"{html.escape(str(row.get(column, '')))}</td>"
+            for column in columns
+        )
+        + "</tr>"
+        for row in rows
+    )
+    caption = f"<p><em>{html.escape(summary)}</em></p>" if summary else ""
+    plain = [summary] if summary else []
+    for number, row in enumerate(rows, start=1):
+        facts = ", ".join(f"{key}={value}" for key, value in row.items() if key != "reply")
+        plain.append(f"--- {number}: {facts}\n{row.get('reply', '')}")
+    return mime_bundle(
+        "\n".join(markdown),
+        html_text=f"{caption}<table><tr>{head}</tr>{body}</table>",
+        plain="\n".join(plain),
+    )

@@ -35,6 +35,7 @@ from qwen_magic.sampling import SAMPLING_KEYS, SAMPLING_SETTINGS, config_traits
 from qwen_magic.sampling import validate as validate_sampling
 
 if TYPE_CHECKING:
+    from qwen_magic.batch import BatchResult
     from qwen_magic.chat import QwenChat, Reply
 
 __all__ = ["DEFAULT_CONVERSATION", "ChatSession", "SessionBusy"]
@@ -409,6 +410,86 @@ class ChatSession(_SamplingDefaults):  # type: ignore[misc, valid-type]
             raise
         finally:
             self.changed()
+
+    def batch(
+        self,
+        name: str | None,
+        prompts: str | list[str],
+        *,
+        rows: Any = None,
+        sweep: dict[str, list[Any]] | None = None,
+        system: str | None = None,
+        use_history: bool = True,
+        record: bool = False,
+        key: str | None = None,
+        enable_thinking: bool | None = None,
+        concurrency: int | None = None,
+        progress: bool = False,
+        on_reply: Callable[[int, Any], None] | None = None,
+        **sampling: Any,
+    ) -> BatchResult:
+        """Answer many messages at once after conversation ``name``'s system prompt and history
+        (:meth:`qwen_magic.chat.QwenChat.batch`), under the session's sampling defaults.
+
+        The replies join the conversation only with ``record``: then ``system`` becomes its
+        system prompt (as in :meth:`ask`) and each finished reply is a turn, keyed
+        ``key/index`` so that re-running replaces them; one undo takes the whole batch back.
+        Without ``record``, ``system`` applies to this batch alone and nothing changes.
+
+        Raises:
+            SessionBusy: Another reply is being generated.
+            BackendError, ValueError, TypeError: A mistake; nothing was sent or changed.
+            KeyboardInterrupt: With the partial result as ``.result`` (recorded, if asked).
+        """
+        values = {**self.sampling_defaults(), **validate_sampling(sampling)}
+        with self._exclusive():
+            bot = self.require_bot()
+            enable_thinking, _ = self.thinking_settings(enable_thinking, None)
+            conversation = self.conversation(name)
+            depth = conversation.undo_depth
+            first = None if key is None else f"{key}/0"  # a re-run sees what came before it
+            try:
+                if record and system is not None:
+                    conversation.set_system(system)
+                result = bot.batch(
+                    prompts,
+                    rows=rows,
+                    sweep=sweep,
+                    system=conversation.system if system is None else system,
+                    history=conversation.context_turns(first) if use_history else [],
+                    enable_thinking=enable_thinking,
+                    concurrency=concurrency,
+                    progress=progress,
+                    on_reply=on_reply,
+                    **values,
+                )
+            except KeyboardInterrupt as interrupt:
+                partial = getattr(interrupt, "result", None)
+                if record and partial is not None:
+                    self._record_batch(conversation, partial, key, depth)
+                raise
+            except Exception:
+                conversation.rollback(depth)
+                raise
+            finally:
+                self.changed()
+            if record:
+                self._record_batch(conversation, result, key, depth)
+            return result
+
+    @staticmethod
+    def _record_batch(
+        conversation: Conversation, result: BatchResult, key: str | None, depth: int
+    ) -> None:
+        """Record each finished reply as a turn; one undo step for them all."""
+        for index, item in enumerate(result.items):
+            if item.finished:
+                reply = item.reply
+                turn_key = None if key is None else f"{key}/{index}"
+                conversation.record(
+                    item.job.message, reply.text, key=turn_key, reasoning=reply.reasoning
+                )
+        conversation.squash(depth)
 
     def stop(self) -> bool:
         """Stop the reply being generated, from another thread (a web page's Stop button).

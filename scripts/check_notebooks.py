@@ -1,8 +1,9 @@
 """Execute the example notebooks headless, check their outputs and save the executed copies.
 
 A notebook passes when no cell produced an error and every ``%%qwen`` cell produced a non-empty
-Markdown reply (each sample, for ``-n``), with nothing on stderr and no widget but the panel: the
-saved copies are what readers see on GitHub. They keep every output but drop the widget state
+Markdown reply (each sample, for ``-n``; each row of the table, for ``--each`` / ``--sweep``),
+with nothing on stderr and no widget but the panel: the saved copies are what readers see on
+GitHub. They keep every output but drop the widget state
 that nbclient records and GitHub's renderer cannot show.
 
     python scripts/check_notebooks.py               # copies -> example_notebooks/executed/
@@ -88,6 +89,44 @@ def _reply_samples(markdown: str) -> list[str]:
     return samples
 
 
+def _batch_rows(markdown: str) -> list[dict[str, str]] | None:
+    """The rows of a batch cell's Markdown table (column -> cell), or None if it has none.
+
+    Cells never hold a raw ``|`` (the renderer escapes it), so splitting on it is exact.
+    """
+    lines = [line.strip() for line in markdown.splitlines() if line.strip().startswith("|")]
+    if len(lines) < 2:
+        return None
+
+    def cells(line: str) -> list[str]:
+        return [cell.strip() for cell in line.strip("|").split("|")]
+
+    header = cells(lines[0])
+    if "reply" not in header or "finish_reason" not in header:
+        return None
+    return [dict(zip(header, cells(line), strict=True)) for line in lines[2:]]
+
+
+def _batch_problems(where: str, cell: nbformat.NotebookNode) -> list[str]:
+    """A ``--each`` / ``--sweep`` cell: a table with a non-empty, finished reply in every row."""
+    tables = [
+        rows
+        for output_type, text in _markdown_outputs(cell)
+        if output_type == "display_data" and (rows := _batch_rows(text)) is not None
+    ]
+    if not tables:
+        return [f"{where}: no Markdown table of replies (display_data)"]
+    if not tables[-1]:
+        return [f"{where}: the table of replies has no rows"]
+    found = []
+    for number, row in enumerate(tables[-1], start=1):
+        if not row["reply"]:
+            found.append(f"{where}: row {number} of the table has an empty reply")
+        if row["finish_reason"] == "interrupted":
+            found.append(f"{where}: row {number} of the table was interrupted")
+    return found
+
+
 def _option_given(line: str, *names: str) -> bool:
     return any(re.search(rf"(^|\s){re.escape(name)}(\s|$)", line) for name in names)
 
@@ -121,6 +160,9 @@ def problems(notebook: nbformat.NotebookNode) -> list[str]:
             continue
         first_line = cell.source.lstrip().splitlines()[0] if cell.source.strip() else ""
         if not first_line.startswith("%%qwen"):
+            continue
+        if _option_given(first_line, "--each") or re.search(r"(^|\s)--sweep(\s|=)", first_line):
+            found += _batch_problems(where, cell)
             continue
         kind = "execute_result" if _option_given(first_line, "-o", "--output") else "display_data"
         replies = [text for output_type, text in _markdown_outputs(cell) if output_type == kind]

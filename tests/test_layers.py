@@ -16,6 +16,7 @@ CORE = (
     "qwen_magic.conversation",
     "qwen_magic.prompt",
     "qwen_magic.sampling",
+    "qwen_magic.batch",
     "qwen_magic.render",
     "qwen_magic.session",
     "qwen_magic.backends",
@@ -32,6 +33,7 @@ CONCRETE_BACKENDS = (
 FRONT_ENDS = (
     "qwen_magic.jupyter",
     "qwen_magic.jupyter.magics",
+    "qwen_magic.jupyter.batch_cell",
     "qwen_magic.jupyter.commands",
     "qwen_magic.jupyter.loading",
     "qwen_magic.jupyter.output",

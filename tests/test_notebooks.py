@@ -32,12 +32,14 @@ checker = _load_checker()
 NOTEBOOKS = checker.example_notebooks()
 
 
-def test_the_three_example_notebooks_exist() -> None:
+def test_the_example_notebooks_exist() -> None:
     names = [path.name for path in NOTEBOOKS]
     assert names == [
         "01_quickstart.ipynb",
         "02_chatml_explained.ipynb",
         "03_prompt_engineering.ipynb",
+        "04_batch_prompting.ipynb",
+        "05_thinking_models.ipynb",
     ]
 
 
@@ -136,6 +138,29 @@ def test_checker_reports_errors_and_empty_replies(
     found = checker.problems(_notebook(cell))
     assert len(found) >= 1
     assert expected in found[0]
+
+
+TABLE = "| text | reply | tokens | finish_reason |\n|---|---|---|---|\n"
+
+
+@pytest.mark.parametrize(
+    ("rows", "expected"),
+    [
+        ("| a | Bonjour &#124; salut | 3 | stop |\n| b | Merci | 2 | length |", None),
+        ("| a | Bonjour | 3 | stop |\n| b |  | 0 | stop |", "row 2 of the table has an empty"),
+        ("| a | Bonjour | 3 | stop |\n| b | Mer | 1 | interrupted |", "row 2 of the table was"),
+        ("", "the table of replies has no rows"),
+    ],
+)
+def test_checker_wants_a_reply_in_every_row_of_a_batch_table(
+    rows: str, expected: str | None
+) -> None:
+    for line in ("%%qwen --each words -o table", "%%qwen --sweep temperature=0,1"):
+        cell = _cell(f"{line}\nSay {{text}}", _display("*2 replies*"), _display(TABLE + rows))
+        found = checker.problems(_notebook(cell))
+        assert found == [] if expected is None else expected in found[0]
+    no_table = _cell("%%qwen --each words\nSay {text}", _display("*2 replies*"))
+    assert "no Markdown table of replies" in checker.problems(_notebook(no_table))[0]
 
 
 def test_checker_wants_a_kernelspec_and_no_widget_state() -> None:

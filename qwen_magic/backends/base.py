@@ -11,11 +11,19 @@ Pure Python: no vLLM, IPython, ipywidgets or network import.
 from __future__ import annotations
 
 import traceback
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
-__all__ = ["Backend", "BackendBusy", "BackendError", "BackendInfo", "Delta", "forget_exception"]
+__all__ = [
+    "Backend",
+    "BackendBusy",
+    "BackendError",
+    "BackendInfo",
+    "BatchRequest",
+    "Delta",
+    "forget_exception",
+]
 
 
 class BackendError(RuntimeError):
@@ -44,6 +52,20 @@ class Delta(NamedTuple):
     finished: bool = False
     finish_reason: str | None = None
     num_cached_tokens: int | None = None
+
+
+class BatchRequest(NamedTuple):
+    """One request of :meth:`Backend.generate_many`.
+
+    Attributes:
+        prompt_token_ids: The full prompt, already formatted.
+        sampling: Its sampling values (as :meth:`Backend.resolve_sampling` returns them).
+        n: Number of samples.
+    """
+
+    prompt_token_ids: list[int]
+    sampling: dict[str, Any]
+    n: int = 1
 
 
 @dataclass(frozen=True)
@@ -86,6 +108,21 @@ class Backend(Protocol):
         self, prompt_token_ids: list[int], *, n: int = 1, stop_token_ids: list[int], **sampling: Any
     ) -> Iterator[Delta]:
         """Generate; closing the iterator aborts the request."""
+
+    def generate_many(
+        self,
+        requests: Sequence[BatchRequest],
+        *,
+        stop_token_ids: list[int],
+        concurrency: int | None = None,
+    ) -> Iterator[tuple[int, Delta]]:
+        """Generate every request at once (one engine batch, or concurrent server requests).
+
+        Yields ``(request index, delta)`` once per sample, when it is complete: the delta holds
+        the sample's whole text and ids. ``concurrency`` caps the requests in flight (None: the
+        backend's default). Every request is checked before any is sent; closing the iterator
+        (or an interrupt inside it) aborts those still running.
+        """
 
     def close(self) -> None:
         """Free everything the backend holds; safe to call twice."""

@@ -21,19 +21,22 @@ Only this module (and the managed server) speaks HTTP.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
-from qwen_magic.backends.base import BackendError, BackendInfo, Delta
+from qwen_magic.backends.base import BackendError, BackendInfo, BatchRequest, Delta
 from qwen_magic.sampling import GENERATION_DEFAULT_KEYS, resolve, validate
 
 __all__ = ["ServerBackend", "normalise_url"]
 
 DEFAULT_READ_TIMEOUT = 600.0
+DEFAULT_CONCURRENCY = 32  # requests a batch keeps in flight at once
 
 
 def normalise_url(url: str) -> str:
@@ -272,6 +275,9 @@ class ServerBackend:
     ) -> Iterator[Delta]:
         """Stream a completion; closing the iterator closes the response (the server aborts)."""
         body = self.request_body(prompt_token_ids, n=n, stop_token_ids=stop_token_ids, **sampling)
+        yield from self._post(body)
+
+    def _post(self, body: dict[str, Any]) -> Iterator[Delta]:
         client = self._require_client()
         try:
             with client.stream("POST", "/v1/completions", json=body) as response:
@@ -284,6 +290,75 @@ class ServerBackend:
                 f"the connection to the server at {self.url} broke mid-reply "
                 f"({type(error).__name__}): is the server still running?"
             ) from None
+
+    def generate_many(
+        self,
+        requests: Sequence[BatchRequest],
+        *,
+        stop_token_ids: list[int],
+        concurrency: int | None = None,
+    ) -> Iterator[tuple[int, Delta]]:
+        """Send the requests concurrently, at most ``concurrency`` (default 32) in flight.
+
+        Each request streams in a worker thread of a bounded pool; the server batches what is
+        in flight. Yields ``(request index, delta)`` per sample once its request is complete.
+        Closing the generator (or an interrupt) stops the workers at their next chunk, which
+        closes their responses, so the server aborts those requests; requests not yet sent are
+        never sent.
+        """
+        limit = concurrency or DEFAULT_CONCURRENCY
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"concurrency must be a whole number >= 1, got {concurrency!r}")
+        bodies = [  # every request checked before any is sent
+            self.request_body(
+                request.prompt_token_ids,
+                n=request.n,
+                stop_token_ids=stop_token_ids,
+                **request.sampling,
+            )
+            for request in requests
+        ]
+        if not bodies:
+            return
+        cancelled = threading.Event()
+        pool = ThreadPoolExecutor(
+            max_workers=min(limit, len(bodies)), thread_name_prefix="qwen-magic-batch"
+        )
+        try:
+            futures: dict[Future[list[Delta] | None], int] = {
+                pool.submit(self._collect, body, cancelled): index
+                for index, body in enumerate(bodies)
+            }
+            for future in as_completed(futures):
+                for delta in future.result() or ():
+                    yield futures[future], delta
+        finally:
+            cancelled.set()
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _collect(self, body: dict[str, Any], cancelled: threading.Event) -> list[Delta] | None:
+        """One request's samples, whole (None when the batch was stopped first)."""
+        if cancelled.is_set():
+            return None
+        count = body["n"]
+        texts: list[list[str]] = [[] for _ in range(count)]
+        token_ids: list[list[int]] = [[] for _ in range(count)]
+        reasons: list[str | None] = [None] * count
+        stream = self._post(body)
+        try:
+            for delta in stream:
+                if cancelled.is_set():
+                    return None
+                texts[delta.index].append(delta.text)
+                token_ids[delta.index].extend(delta.token_ids)
+                if delta.finished:
+                    reasons[delta.index] = delta.finish_reason
+        finally:
+            stream.close()  # closes the response: the server aborts an unfinished request
+        return [
+            Delta(index, "".join(texts[index]), tuple(token_ids[index]), True, reasons[index])
+            for index in range(count)
+        ]
 
     def _refusal(self, response: httpx.Response) -> str:
         message = _server_message(response)

@@ -24,16 +24,23 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import itertools
 import os
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from qwen_magic.backends import _vllm_compat as compat
-from qwen_magic.backends.base import BackendBusy, BackendInfo, Delta, forget_exception
+from qwen_magic.backends.base import (
+    BackendBusy,
+    BackendInfo,
+    BatchRequest,
+    Delta,
+    forget_exception,
+)
 from qwen_magic.backends.vllm_options import EngineError, EngineOptions, load_error
 from qwen_magic.sampling import GENERATION_DEFAULT_KEYS, resolve, validate
 
@@ -232,13 +239,58 @@ class Engine:
         params = self.sampling_params(
             len(prompt_token_ids), n=n, stop_token_ids=stop_token_ids, **sampling
         )
+        for _index, delta in self._locked_run([(prompt_token_ids, params)]):
+            yield delta
+
+    def generate_many(
+        self,
+        requests: Sequence[BatchRequest],
+        *,
+        stop_token_ids: list[int],
+        concurrency: int | None = None,
+    ) -> Iterator[tuple[int, Delta]]:
+        """Generate every request in one engine batch, as ``LLM.generate`` does.
+
+        Args:
+            requests: The prompts, each with its sampling values and number of samples.
+            stop_token_ids: Tokens that end a sample.
+            concurrency: Most requests in the engine at once (None: all of them; vLLM's
+                scheduler still runs at most ``max_num_seqs`` side by side).
+
+        Yields:
+            ``(request index, delta)`` once per sample, when it is complete (vLLM's final-only
+            outputs: no per-token work). Every request's settings are checked before any is
+            added; closing the generator or a KeyboardInterrupt aborts the unfinished ones.
+
+        Raises:
+            BackendBusy: Another request is still streaming (one at a time).
+        """
+        self._require_llm()
+        prompts = [
+            (
+                request.prompt_token_ids,
+                self.sampling_params(
+                    len(request.prompt_token_ids),
+                    n=request.n,
+                    stop_token_ids=stop_token_ids,
+                    final_only=True,
+                    **request.sampling,
+                ),
+            )
+            for request in requests
+        ]
+        yield from self._locked_run(prompts, concurrency)
+
+    def _locked_run(
+        self, prompts: list[tuple[list[int], Any]], concurrency: int | None = None
+    ) -> Iterator[tuple[int, Delta]]:
         if not self._busy.acquire(blocking=False):
             raise BackendBusy(
                 "the model is still generating another reply: wait for it or stop it "
                 "(close its stream), then ask again"
             )
         try:
-            yield from self._run(prompt_token_ids, params)
+            yield from self._run(prompts, concurrency or len(prompts))
         except BaseException as error:
             # An interrupt from a signal handler (or a vLLM error) raised inside step() has vLLM's
             # frames in its traceback; IPython keeps it, and they would keep the engine alive.
@@ -247,17 +299,31 @@ class Engine:
         finally:
             self._busy.release()
 
-    def _run(self, prompt_token_ids: list[int], params: Any) -> Iterator[Delta]:
+    def _run(
+        self, prompts: list[tuple[list[int], Any]], concurrency: int
+    ) -> Iterator[tuple[int, Delta]]:
         # The engine is looked up on every step, never kept in a local across a yield: a
         # traceback through this frame must not keep an unloaded engine alive.
-        request_id = f"qwen-magic-{uuid.uuid4().hex}"
-        prompt = compat.engine_prompt(self._llm.llm_engine, prompt_token_ids)
-        self._llm.llm_engine.add_request(request_id, prompt, params)
+        batch = uuid.uuid4().hex
+        indexes: dict[str, int] = {}  # request id -> position in ``prompts``
+        unfinished: set[str] = set()
+        waiting = iter(enumerate(prompts))
         guard = compat.DeferredInterrupts()
         guard.install()
-        done = False
+
+        def add(count: int) -> None:
+            for index, (prompt_token_ids, params) in itertools.islice(waiting, count):
+                request_id = f"qwen-magic-{batch}-{index}"
+                prompt = compat.engine_prompt(self._llm.llm_engine, prompt_token_ids)
+                indexes[request_id] = index
+                unfinished.add(request_id)  # before: a failed add is aborted too
+                self._llm.llm_engine.add_request(request_id, prompt, params)
+
         try:
-            while not done:
+            while True:
+                add(concurrency - len(unfinished))  # top up as requests finish
+                if not unfinished:
+                    break
                 guard.stepping = True
                 try:
                     outputs = self._require_llm().llm_engine.step()  # closed: a clear error
@@ -267,29 +333,43 @@ class Engine:
                 if not outputs and not self._require_llm().llm_engine.has_unfinished_requests():
                     break
                 for output in outputs:
-                    done = done or bool(output.finished)
+                    index = indexes.get(output.request_id)
+                    if index is None:
+                        continue
+                    if output.finished:
+                        unfinished.discard(output.request_id)
                     cached = getattr(output, "num_cached_tokens", None)
                     for sample in output.outputs:
                         finished = sample.finish_reason is not None
                         if sample.text or sample.token_ids or finished:
-                            yield Delta(
-                                sample.index,
-                                sample.text,
-                                tuple(sample.token_ids),
-                                finished,
-                                sample.finish_reason,
-                                cached,
+                            yield (
+                                index,
+                                Delta(
+                                    sample.index,
+                                    sample.text,
+                                    tuple(sample.token_ids),
+                                    finished,
+                                    sample.finish_reason,
+                                    cached,
+                                ),
                             )
                 del outputs
         finally:
             guard.uninstall()
-            if not done and self._llm is not None:
-                self._abort(request_id)
+            if unfinished and self._llm is not None:
+                self._abort(sorted(unfinished))
 
     def sampling_params(
-        self, num_prompt_tokens: int, *, n: int = 1, stop_token_ids: list[int], **sampling: Any
+        self,
+        num_prompt_tokens: int,
+        *,
+        n: int = 1,
+        stop_token_ids: list[int],
+        final_only: bool = False,
+        **sampling: Any,
     ) -> Any:
-        """The ``vllm.SamplingParams`` a :meth:`stream` call sends (streaming deltas)."""
+        """The ``vllm.SamplingParams`` a :meth:`stream` call sends (streaming deltas), or with
+        ``final_only`` a :meth:`generate_many` call (each sample once, complete)."""
         from vllm.sampling_params import RequestOutputKind, SamplingParams
 
         values = self.resolve_sampling(num_prompt_tokens, **sampling)
@@ -298,22 +378,23 @@ class Engine:
                 f"{n} samples need a temperature above 0 (greedy decoding makes them identical):"
                 " raise the temperature (-t) or ask for one sample"
             )
+        kind = RequestOutputKind.FINAL_ONLY if final_only else RequestOutputKind.DELTA
         return SamplingParams(
             n=n,
             stop_token_ids=list(stop_token_ids),
             skip_special_tokens=True,
-            output_kind=RequestOutputKind.DELTA,
+            output_kind=kind,
             **values,
         )
 
-    def _abort(self, request_id: str) -> None:
-        """Abort ``request_id`` and step the engine until it holds no request.
+    def _abort(self, request_ids: list[str]) -> None:
+        """Abort ``request_ids`` and step the engine until it holds no request.
 
         A second interrupt during this is held back until the engine is idle again.
         """
         with compat.interrupts_between_steps():
             llm_engine = self._llm.llm_engine
-            llm_engine.abort_request([request_id])
+            llm_engine.abort_request(request_ids)
             while llm_engine.has_unfinished_requests():
                 llm_engine.step()
             del llm_engine

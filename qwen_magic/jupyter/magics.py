@@ -42,6 +42,16 @@ the reasoning):
 - With thinking on, ``max_tokens`` defaults to 8192, at most half the context; a reply cut off
   while thinking says so, with the flag that fixes it.
 
+Many replies at once, shown as one table (``qwen_magic.jupyter.batch_cell``)::
+
+    %%qwen --each reviews --sweep temperature=0,0.7
+    Classify the sentiment of this review: {text}
+
+- ``--each VAR`` fills ``{name}`` fields from each row of VAR (a DataFrame, a list of dicts or
+  of strings); any other brace is literal text.
+- ``--sweep KEY=V1,V2`` (repeatable) runs every combination of sampling values.
+- ``-o NAME`` stores the table as a DataFrame; ``--record`` adds the replies to the conversation.
+
 Re-running a notebook cell replaces that cell's turn; the turns recorded after it are set aside
 (a notice says how many) and ``%qwen undo`` brings them back. Several ``%%qwen`` calls in one
 cell execution each add their own turn. Interrupting the kernel stops the reply; the partial
@@ -78,7 +88,7 @@ from traitlets import Bool, Dict, Enum, Int, TraitError, Unicode, link, validate
 from qwen_magic import render
 from qwen_magic.backends.base import BackendError, forget_exception
 from qwen_magic.backends.vllm_options import is_out_of_memory
-from qwen_magic.jupyter import commands, loading, output
+from qwen_magic.jupyter import batch_cell, commands, loading, output
 from qwen_magic.prompt import BudgetError, MessageTooLongError
 from qwen_magic.sampling import SAMPLING_SETTINGS, SETTINGS, config_traits
 from qwen_magic.sampling import validate as validate_sampling
@@ -314,6 +324,19 @@ class QwenMagics(_SamplingConfig):  # type: ignore[misc, valid-type]
     @argument("--thinking-budget", type=int, metavar="N", help="most reasoning tokens, then answer")
     @argument("--show-thinking", choices=SHOW_THINKING, help="how the reasoning shows")
     @argument("--chat", metavar="NAME", help="named conversation (default: default)")
+    @argument(
+        "--each",
+        metavar="VAR",
+        help="run the cell as a template over the rows of VAR ({name} fields); a table",
+    )
+    @argument(
+        "--sweep",
+        metavar="KEY=V1,V2",
+        action="append",
+        help="run the cell once per value (repeatable: every combination); a table",
+    )
+    @argument("--record", action="store_true",
+              help="--each / --sweep: add the replies to the conversation")  # fmt: skip
     @line_cell_magic
     def qwen(self, line: str, cell: str | None = None) -> Any:
         """Chat with the loaded model (%%qwen), or manage a conversation (%qwen COMMAND).
@@ -334,6 +357,10 @@ class QwenMagics(_SamplingConfig):  # type: ignore[misc, valid-type]
         if first in commands.COMMANDS:
             raise UsageError(f"%%qwen takes options only: run %qwen {first} on a line of its own")
         args = parse(self.qwen.parser, line)
+        if batch_cell.wants_batch(args):
+            return batch_cell.run(self, args, cell)
+        if args.record:
+            raise UsageError("--record is for --each / --sweep cells: a plain cell always records")
         return self._chat_cell(args, cell)
 
     def _sampling(self, args: Namespace) -> dict[str, Any]:
