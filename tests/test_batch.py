@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas
 import pytest
+from IPython import get_ipython
 from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.testing.globalipapp import start_ipython
@@ -198,8 +199,9 @@ def test_the_table_shows_inputs_settings_reply_tokens_and_finish_reason() -> Non
 
 @pytest.fixture(scope="module")
 def ip(tiny_model: Path) -> Iterator[InteractiveShell]:
-    shell = start_ipython()
-    shell.run_line_magic("load_ext", "qwen_magic")
+    shell = start_ipython() or get_ipython()  # one global shell per test process
+    if "QwenMagics" not in shell.magics_manager.registry:
+        shell.run_line_magic("load_ext", "qwen_magic")
     shell.run_line_magic("qwen_load", f"{tiny_model} --max-model-len 512 --enforce-eager --seed 0")
     yield shell
     shell.run_line_magic("qwen_unload", "")

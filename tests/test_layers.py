@@ -17,6 +17,7 @@ CORE = (
     "qwen_magic.prompt",
     "qwen_magic.sampling",
     "qwen_magic.batch",
+    "qwen_magic.generation",
     "qwen_magic.render",
     "qwen_magic.session",
     "qwen_magic.backends",

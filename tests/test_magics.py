@@ -19,6 +19,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from IPython import get_ipython
 from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.testing.globalipapp import start_ipython
@@ -45,8 +46,9 @@ SAMPLING_FLAGS = {
 
 @pytest.fixture(scope="module")
 def ip() -> InteractiveShell:
-    shell = start_ipython()
-    shell.run_line_magic("load_ext", "qwen_magic")
+    shell = start_ipython() or get_ipython()  # one global shell per test process
+    if "QwenMagics" not in shell.magics_manager.registry:
+        shell.run_line_magic("load_ext", "qwen_magic")
     yield shell
     shell.run_line_magic("unload_ext", "qwen_magic")
 
