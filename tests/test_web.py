@@ -107,9 +107,13 @@ def web_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     from qwen_magic import models
 
     models.tiny_model_path()  # fetched before the clock starts
+    yield from _serve("tiny", tmp_path_factory)
+
+
+def _serve(model: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = _free_port()
     log_path = tmp_path_factory.mktemp("web") / "web.log"
-    command = [sys.executable, "-m", "qwen_magic", "web", "tiny", "--max-model-len", "1024"]
+    command = [sys.executable, "-m", "qwen_magic", "web", model, "--max-model-len", "1024"]
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             [*command, "--port", str(port)],
@@ -362,3 +366,27 @@ def test_gradio_client_chats_in_its_own_conversation(web_url: str) -> None:
         client.close()
     assert isinstance(first, str) and first.strip()
     assert isinstance(second, str) and second.strip()
+
+
+@pytest.mark.browser
+@pytest.mark.engine
+@pytest.mark.slow
+def test_a_thinking_models_reasoning_is_a_collapsed_thought(
+    browser: Any, thinking_only_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """tiny-qwen3-thinking starts every reply inside <think>; random weights never close it, so
+    the whole reply is reasoning: a collapsed "Thought for X s" message, and no answer."""
+    server = _serve("tiny-qwen3-thinking", tmp_path_factory)
+    url = next(server)
+    try:
+        page = open_tab(browser, url)
+        set_setting(page, "max_tokens", 12)
+        send(page, "What is 17 * 23?")
+        chat = page.locator("#qwen-chat")
+        assert "Thought for" in chat.inner_text()
+        thought = chat.get_by_text(re.compile(r"Thought for [\d.]+ s")).first
+        assert thought.is_visible()
+        assert generated(page) == 12
+        page.context.close()
+    finally:
+        server.close()
