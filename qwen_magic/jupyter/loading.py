@@ -7,7 +7,12 @@ every failure into one line, and shows the status.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 from argparse import Namespace
+from collections.abc import Collection
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -89,3 +94,35 @@ def show_status(session: ChatSession) -> None:
         }
     markdown = render.status_markdown(facts, session.conversations)
     output.show(render.mime_bundle(markdown))
+
+
+@dataclass
+class LoadDefaults:
+    """What :func:`load` reads from ``QwenMagics``, for a front-end that has none (the terminal
+    chat, the web page): the same defaults, so ``MODEL`` and the options mean the same there."""
+
+    session: ChatSession
+    model: str = "demo"
+    server: str | None = field(default_factory=lambda: os.environ.get("QWEN_MAGIC_SERVER") or None)
+    api_key_env: str = "VLLM_API_KEY"
+    engine_options: dict[str, Any] = field(default_factory=dict)
+    notebook: bool = False
+
+
+def load_from_command_line(
+    session: ChatSession, args: Namespace, *, own_options: Collection[str]
+) -> str | None:
+    """``%qwen_load`` for a command (``qwen-magic chat``, ``qwen-magic web``) whose ``args``
+    came from ``%qwen_load``'s parser plus its ``own_options``; progress goes to stderr.
+
+    Returns:
+        None when loaded, else the one line that says what went wrong.
+    """
+    given = {key: value for key, value in vars(args).items() if key not in own_options}
+    load_args = Namespace(**{"reload": False, **given})
+    with contextlib.redirect_stdout(sys.stderr):
+        try:
+            load(LoadDefaults(session), load_args)
+        except UsageError as error:
+            return str(error)
+    return None

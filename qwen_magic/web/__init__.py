@@ -30,7 +30,6 @@ import argparse
 import contextlib
 import os
 import sys
-from dataclasses import dataclass, field
 from typing import Any
 
 from qwen_magic.session import ChatSession, SessionBusy
@@ -68,33 +67,11 @@ def add_parser(subcommands: Any) -> argparse.ArgumentParser:
     return parser
 
 
-@dataclass
-class _LoadDefaults:
-    """What :func:`qwen_magic.jupyter.loading.load` reads from QwenMagics, with its defaults."""
-
-    session: ChatSession
-    model: str = "demo"
-    server: str | None = field(default_factory=lambda: os.environ.get("QWEN_MAGIC_SERVER") or None)
-    api_key_env: str = "VLLM_API_KEY"
-    engine_options: dict[str, Any] = field(default_factory=dict)
-    notebook: bool = False
-
-
 def _load(session: ChatSession, args: argparse.Namespace) -> str | None:
     """Load the model as ``%qwen_load`` would; the error line when it failed."""
-    from IPython.core.error import UsageError
+    from qwen_magic.jupyter.loading import load_from_command_line
 
-    from qwen_magic.jupyter import loading
-
-    load_args = argparse.Namespace(
-        **{key: value for key, value in vars(args).items() if key not in _OWN_OPTIONS}
-    )
-    with contextlib.redirect_stdout(sys.stderr):
-        try:
-            loading.load(_LoadDefaults(session), load_args)
-        except UsageError as error:
-            return str(error)
-    return None
+    return load_from_command_line(session, args, own_options=_OWN_OPTIONS)
 
 
 def _auth(value: str | None) -> tuple[str, str] | None:
