@@ -147,9 +147,15 @@ def test_extra_cannot_take_over_what_the_managed_server_sets(tmp_path: Path, nam
 
 
 def test_the_environment_carries_the_key_and_drops_the_in_process_settings() -> None:
-    base = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_LOGGING_LEVEL": "ERROR", "HF_HOME": "/h"}
+    base = {
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "VLLM_LOGGING_LEVEL": "ERROR",
+        "VLLM_LOGGING_STREAM": "ext://qwen_magic.backends._vllm_compat.LOG_SINK",
+        "HF_HOME": "/h",
+    }
     environment = server_environment("secret", base=base)
     assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in environment
+    assert "VLLM_LOGGING_STREAM" not in environment  # its log goes to stdout, read for phases
     assert environment["VLLM_API_KEY"] == "secret"
     assert environment["VLLM_LOGGING_LEVEL"] == "INFO"  # its phases are read from the log
     assert environment["HF_HOME"] == "/h"

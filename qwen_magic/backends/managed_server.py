@@ -64,7 +64,9 @@ STOP_SECONDS = 15.0
 _GIB = 1024**3
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 # Set by the in-process engine for itself (vllm_local.Engine); wrong for a server.
-_ENGINE_ONLY_VARIABLES = ("VLLM_ENABLE_V1_MULTIPROCESSING",)
+# What the in-process engine set for itself: the server runs its own engine process, and writes
+# its log to stdout (read for its phases), not to the in-process engine's log sink.
+_ENGINE_ONLY_VARIABLES = ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_LOGGING_STREAM")
 # Flags this module sets itself; an ``extra`` key for one of them would fight it.
 _OWN_FLAGS = frozenset({"model", "host", "port", "api_key"})
 # (phase, pattern in a log line), in the order a start goes through them
