@@ -8,6 +8,7 @@ in ``test_lifetime.py``.
 from __future__ import annotations
 
 import _thread
+import contextlib
 import gc
 import io
 import json
@@ -26,7 +27,14 @@ from typing import Any
 
 import pytest
 
-from qwen_magic.backends import Backend, BackendBusy, BackendInfo, Delta, check_options
+from qwen_magic.backends import (
+    Backend,
+    BackendBusy,
+    BackendInfo,
+    Delta,
+    _vllm_compat,
+    check_options,
+)
 from qwen_magic.backends.vllm_local import Engine
 from qwen_magic.backends.vllm_options import EngineError, EngineOptions
 from qwen_magic.chatml import ChatFormatter
@@ -432,28 +440,23 @@ def test_unknown_extra_is_refused_once_vllm_is_imported(engine: Engine, tiny_mod
 def test_verbose_on_a_later_load_shows_vllms_logs(engine: Engine, tiny_model: Path) -> None:
     """The module's engine loaded quietly; a verbose load must still show vLLM's INFO lines.
 
-    vLLM fixes its handler's level from the environment at its first import, so without
-    resetting the handler a later ``--verbose`` would show nothing.
+    vLLM's handler writes to qwen-magic's log sink (read for the load phases), which passes the
+    lines on to stdout only when verbose; and vLLM fixes its handler's level from the environment
+    at its first import, so without resetting it a later ``--verbose`` would show nothing.
     """
-    # vLLM's own handler (pytest may add its capture handlers, subclasses, beside it)
     handlers = [
         handler
         for handler in logging.getLogger("vllm").handlers
         if type(handler) is logging.StreamHandler
     ]
     assert handlers, "vLLM's own log handler is missing"
+    assert all(handler.stream is _vllm_compat.LOG_SINK for handler in handlers)
 
     def load(verbose: bool) -> str:
         shown = io.StringIO()
-        streams = [handler.stream for handler in handlers]
-        for handler in handlers:
-            handler.setStream(shown)
-        try:
+        with contextlib.redirect_stdout(shown):
             options = EngineOptions(model=str(tiny_model), max_model_len=512, kv_cache_gib=0.25)
             Engine(options, verbose=verbose).close()
-        finally:
-            for handler, stream in zip(handlers, streams, strict=True):
-                handler.setStream(stream)
         return shown.getvalue()
 
     loud = load(verbose=True)

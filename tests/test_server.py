@@ -197,6 +197,8 @@ def test_the_key_is_never_shown(
     assert os.environ[vllm_server.key_env] == key  # so a leak would be found below
     with QwenChat(server=vllm_server.url, api_key_env=vllm_server.key_env) as bot:
         caplog.set_level(logging.DEBUG)  # every logger: qwen_magic, httpx, httpcore
+        for name in ("httpx", "httpcore"):  # vLLM's log setup turns httpx down to WARNING
+            caplog.set_level(logging.DEBUG, logger=name)
         bot.reply(Conversation(), "Hi", max_tokens=3)
         shown = [repr(bot), repr(bot.backend), str(bot.backend.status()), str(bot.backend.info)]
     connect(ip, vllm_server)
