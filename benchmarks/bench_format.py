@@ -66,9 +66,7 @@ def main() -> None:
     for i in range(args.turns):
         conversation.record(f"Question {i}: {paragraph}", f"Answer {i}: {paragraph}")
     query = "And how does the KV cache make the next turn cheaper?"
-    fit_prompt(
-        formatter, conversation.system, conversation.turns, "warm-up", budget=10**9
-    )
+    fit_prompt(formatter, conversation.system, conversation.turns, "warm-up", budget=10**9)
 
     plan = fit_prompt(formatter, conversation.system, conversation.turns, query, budget=10**9)
     tutorial_ids = tutorial_make_context(tokenizer, conversation, query)
