@@ -109,20 +109,26 @@ class LoadDefaults:
     notebook: bool = False
 
 
-def load_from_command_line(
-    session: ChatSession, args: Namespace, *, own_options: Collection[str]
-) -> str | None:
-    """``%qwen_load`` for a command (``qwen-magic chat``, ``qwen-magic web``) whose ``args``
-    came from ``%qwen_load``'s parser plus its ``own_options``; progress goes to stderr.
+def session_from_command_line(
+    args: Namespace, *, own_options: Collection[str]
+) -> ChatSession | int:
+    """A session for a command (``qwen-magic chat``, ``qwen-magic web``) with the model loaded
+    as ``%qwen_load`` loads it; ``args`` came from ``%qwen_load``'s parser plus the command's
+    ``own_options`` (a ``system`` among them sets the default system prompt). Progress goes to
+    stderr.
 
     Returns:
-        None when loaded, else the one line that says what went wrong.
+        The session; or, after printing why to stderr, the exit status (1, 130 for Ctrl-C).
     """
+    session = ChatSession(system=getattr(args, "system", None))
     given = {key: value for key, value in vars(args).items() if key not in own_options}
     load_args = Namespace(**{"reload": False, **given})
     with contextlib.redirect_stdout(sys.stderr):
         try:
             load(LoadDefaults(session), load_args)
+        except KeyboardInterrupt:
+            return 130
         except UsageError as error:
-            return str(error)
-    return None
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+    return session

@@ -16,8 +16,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from qwen_magic.session import ChatSession
-
 __all__ = ["HISTORY_VARIABLE", "add_parser", "history_path", "run"]
 
 HISTORY_VARIABLE = "QWEN_MAGIC_CHAT_HISTORY"
@@ -86,15 +84,9 @@ def history_path(args: argparse.Namespace) -> Path | None:
     return cache_root() / "chat-history"
 
 
-def _load(session: ChatSession, args: argparse.Namespace) -> str | None:
-    """Load the model as ``%qwen_load`` would; the error line when it failed."""
-    from qwen_magic.jupyter.loading import load_from_command_line
-
-    return load_from_command_line(session, args, own_options=_OWN_OPTIONS)
-
-
 def run(args: argparse.Namespace) -> int:
     """Run ``qwen-magic chat`` with parsed ``args``; the exit status."""
+    from qwen_magic.jupyter.loading import session_from_command_line
     from qwen_magic.terminal.app import TerminalChat, error_line, prompt_session
     from qwen_magic.terminal.display import Screen
 
@@ -105,15 +97,9 @@ def run(args: argparse.Namespace) -> int:
         if not message.strip():
             print("error: nothing to answer: stdin was empty (or pass -q MESSAGE)", file=sys.stderr)
             return 2
-    session = ChatSession()
-    session.system = args.system
-    try:
-        failure = _load(session, args)
-    except KeyboardInterrupt:
-        return 130
-    if failure is not None:
-        print(f"error: {failure}", file=sys.stderr)
-        return 1
+    session = session_from_command_line(args, own_options=_OWN_OPTIONS)
+    if isinstance(session, int):
+        return session
     try:
         if interactive:
             return TerminalChat(session).run(prompt_session(history_path(args)))

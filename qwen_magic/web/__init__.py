@@ -32,7 +32,7 @@ import os
 import sys
 from typing import Any
 
-from qwen_magic.session import ChatSession, SessionBusy
+from qwen_magic.session import SessionBusy
 
 __all__ = ["add_parser", "run"]
 
@@ -67,13 +67,6 @@ def add_parser(subcommands: Any) -> argparse.ArgumentParser:
     return parser
 
 
-def _load(session: ChatSession, args: argparse.Namespace) -> str | None:
-    """Load the model as ``%qwen_load`` would; the error line when it failed."""
-    from qwen_magic.jupyter.loading import load_from_command_line
-
-    return load_from_command_line(session, args, own_options=_OWN_OPTIONS)
-
-
 def _auth(value: str | None) -> tuple[str, str] | None:
     if value is None:
         return None
@@ -85,6 +78,8 @@ def _auth(value: str | None) -> tuple[str, str] | None:
 
 def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     """Run ``qwen-magic web`` with parsed ``args`` until Ctrl-C; the exit status."""
+    from qwen_magic.jupyter.loading import session_from_command_line
+
     if args.reload:
         parser.error("--reload is for %qwen_load: the page loads its model afresh")
     try:
@@ -100,16 +95,9 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             print(f"error: {INSTALL_HINT}", file=sys.stderr)
             return 1
         raise
-    session = ChatSession()
-    if args.system is not None:  # ChatSession(system=...) fails: see the lead's report
-        session.system = args.system
-    try:
-        failure = _load(session, args)
-    except KeyboardInterrupt:
-        return 130
-    if failure is not None:
-        print(f"error: {failure}", file=sys.stderr)
-        return 1
+    session = session_from_command_line(args, own_options=_OWN_OPTIONS)
+    if isinstance(session, int):
+        return session
     try:
         page = WebChat(session, title=args.title).build()
         page.queue(default_concurrency_limit=1)
