@@ -215,7 +215,7 @@ def _download_wheel(name: str, version: str, destination: Path) -> Path:
                 out.write(chunk)
                 progress.update(len(chunk))
     except (httpx.HTTPError, KeyError, ValueError) as error:
-        if shutil.which("pip") is None and importlib.util.find_spec("pip") is None:
+        if importlib.util.find_spec("pip") is None:  # the fallback runs `python -m pip`
             raise ModelFetchError(
                 f"could not download {filename} from {index} ({error}); check the network or "
                 "PIP_INDEX_URL, then run `qwen-magic fetch`"

@@ -182,6 +182,10 @@ class ReasoningSplitter:
         ``generated=False`` marks ids the model did not write (the text a thinking budget
         appends to close the block): they are not counted as thinking tokens.
         """
+        if self._end_id is None:  # a model without think tokens: all of it is answer
+            if text:
+                self._answer.append(text)
+            return ReasoningDelta(answer=text)
         now = self._clock()
         if self._in_reasoning and self._started is None:
             self._started = now

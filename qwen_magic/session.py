@@ -101,6 +101,14 @@ class ChatSession(_SamplingDefaults):  # type: ignore[misc, valid-type]
         values = {name: getattr(self, name) for name in SAMPLING_SETTINGS}
         return {name: value for name, value in values.items() if value is not None}
 
+    def request_sampling(self, sampling: dict[str, Any]) -> dict[str, Any]:
+        """What a request sends: the given settings (validated) over the session's defaults.
+
+        Raises:
+            TypeError, ValueError: An unknown setting or a value out of range.
+        """
+        return {**self.sampling_defaults(), **validate_sampling(sampling)}
+
     @validate("thinking_budget")
     def _validate_thinking_budget(self, proposal: Any) -> Any:
         if proposal["value"] is not None and proposal["value"] < 0:
@@ -343,7 +351,7 @@ class ChatSession(_SamplingDefaults):  # type: ignore[misc, valid-type]
             enable_thinking=enable_thinking,
             thinking_budget=thinking_budget,
         )
-        values = {**self.sampling_defaults(), **validate_sampling(sampling)}
+        values = self.request_sampling(sampling)
         with self._exclusive():
             return self._ask(name or DEFAULT_CONVERSATION, message, values, **options)
 
@@ -358,7 +366,7 @@ class ChatSession(_SamplingDefaults):  # type: ignore[misc, valid-type]
         """
         name = name or DEFAULT_CONVERSATION
         sampling = {key: options.pop(key) for key in list(options) if key in SAMPLING_KEYS}
-        values = {**self.sampling_defaults(), **validate_sampling(sampling)}
+        values = self.request_sampling(sampling)
         with self._exclusive():
             conversation = self.conversation(name)
             if not conversation.turns:
@@ -441,7 +449,7 @@ class ChatSession(_SamplingDefaults):  # type: ignore[misc, valid-type]
             BackendError, ValueError, TypeError: A mistake; nothing was sent or changed.
             KeyboardInterrupt: With the partial result as ``.result`` (recorded, if asked).
         """
-        values = {**self.sampling_defaults(), **validate_sampling(sampling)}
+        values = self.request_sampling(sampling)
         with self._exclusive():
             bot = self.require_bot()
             enable_thinking, _ = self.thinking_settings(enable_thinking, None)
@@ -512,6 +520,6 @@ class ChatSession(_SamplingDefaults):  # type: ignore[misc, valid-type]
         **sampling: Any,
     ) -> Reply:
         """Continue ``text`` as plain text (no ChatML, no conversation)."""
-        values = {**self.sampling_defaults(), **validate_sampling(sampling)}
+        values = self.request_sampling(sampling)
         with self._exclusive():
             return self.require_bot().complete(text, n=n, on_delta=on_delta, **values)
