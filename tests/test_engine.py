@@ -526,3 +526,40 @@ def test_reload_does_not_grow_memory(tiny_model: Path) -> None:
     assert len(set(tokenizers_alive)) == 1, f"tokenizer objects pile up: {tokenizers_alive}"
     growth_per_cycle = (rss[-1] - rss[0]) / (len(rss) - 1)
     assert growth_per_cycle < 40 * 2**20, [value // 2**20 for value in rss]
+
+
+# --- start-up shortcuts -----------------------------------------------------------------------
+
+
+@pytest.mark.engine
+def test_a_load_records_its_imports_and_the_next_background_import_replays_them(
+    engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("QWEN_MAGIC_HOME", str(tmp_path))
+    before = set(sys.modules)
+    import colorsys  # noqa: F401 - stands in for a module the load imported
+
+    if "colorsys" in before:
+        before.discard("colorsys")
+    _vllm_compat.record_load_imports(before)
+    recorded = tmp_path / f"vllm-{engine.vllm_version}-load-imports.json"
+    assert "colorsys" in json.loads(recorded.read_text())
+    # The replay imports what was recorded and skips what cannot be imported any more.
+    recorded.write_text(json.dumps(["colorsys", "no_such_module_for_qwen_magic", "wave"]))
+    monkeypatch.delitem(sys.modules, "wave", raising=False)
+    _vllm_compat._replay_load_imports()
+    assert "wave" in sys.modules
+    recorded.write_text("{not json")
+    _vllm_compat._replay_load_imports()  # a damaged cache is ignored
+
+
+@pytest.mark.engine
+def test_vllm_inspects_the_model_class_in_this_process_during_a_load(engine: Engine) -> None:
+    import os
+
+    from vllm.model_executor.models import registry
+
+    original = registry._run_in_subprocess
+    with _vllm_compat.model_inspection_in_process():
+        assert registry._run_in_subprocess(os.getpid) == os.getpid()
+    assert registry._run_in_subprocess is original

@@ -7,8 +7,13 @@ checks, never by comparing version strings.
   behind that pins the importing call stack, and an engine referenced from that stack would
   survive unloading. :func:`start_import` starts that thread early (at ``%load_ext``, on a GPU
   machine), so the 10-20 s import overlaps the user's reading; :func:`import_vllm` joins it.
+  That thread also imports the modules the last load imported (:func:`record_load_imports`,
+  kept per vLLM version in the model cache folder): vLLM imports its model runner, layers and
+  kernels lazily, inside ``LLM()``, and those seconds overlap the reading too.
 - :func:`load_phases` turns vLLM's own log lines into the load display's phases (loading
   weights, compiling, capturing CUDA graphs), whether or not those lines are shown.
+- :func:`model_inspection_in_process`: the first load of a model class on a machine no longer
+  pays for vLLM importing itself again in a subprocess (20 s on a fresh H100 machine).
 - An interrupt that arrives while the engine is inside ``step()`` is held back until the step
   returns (a few tens of ms), so it never lands in the middle of the scheduler's bookkeeping.
 """
@@ -18,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import io
+import json
 import logging
 import os
 import signal
@@ -25,6 +31,7 @@ import sys
 import threading
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -64,10 +71,87 @@ def start_import(*, warm_device: bool = False) -> bool:
                 return
             if warm_device:
                 _create_cuda_context()
+                _build_triton_driver()
+            _replay_load_imports()
 
         _import_thread = threading.Thread(target=work, name="qwen-magic-import-vllm", daemon=True)
         _import_thread.start()
         return True
+
+
+def _load_imports_file() -> Path | None:
+    from qwen_magic.models import cache_root
+
+    version = getattr(sys.modules.get("vllm"), "__version__", None)
+    return cache_root() / f"vllm-{version}-load-imports.json" if version else None
+
+
+def record_load_imports(before: set[str]) -> None:
+    """Remember the modules a successful load imported (all but ``before``), for the next
+    background import; a cache only: failing to write it changes nothing."""
+    path = _load_imports_file()
+    if path is None:
+        return
+    names = sorted(
+        name for name in set(sys.modules) - before if not name.startswith(("qwen_magic", "__"))
+    )
+    with contextlib.suppress(OSError):
+        if path.exists() and json.loads(path.read_text(encoding="utf-8")) == names:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+        partial.write_text(json.dumps(names), encoding="utf-8")
+        os.replace(partial, path)
+
+
+def _replay_load_imports() -> None:
+    """Import what the last load of this vLLM version imported (see the module docstring)."""
+    path = _load_imports_file()
+    try:
+        names = json.loads(path.read_text(encoding="utf-8")) if path else []
+    except (OSError, ValueError):
+        return
+    for name in names if isinstance(names, list) else ():
+        if isinstance(name, str) and name not in sys.modules:
+            # Some of vLLM's modules only import in the state a load sets up; those wait.
+            with contextlib.suppress(Exception):
+                importlib.import_module(name)
+
+
+def _build_triton_driver() -> None:
+    """Build Triton's CUDA helper module now: on a machine where Triton never ran, that is a C
+    compile of about 6 s inside the load's first kernel launch (cached in ~/.triton after)."""
+    with contextlib.suppress(Exception):  # no Triton, or no GPU backend: nothing to build
+        from triton.runtime import driver
+
+        driver.active  # noqa: B018 - creating the driver compiles its helpers
+
+
+@contextlib.contextmanager
+def model_inspection_in_process() -> Iterator[None]:
+    """Let vLLM inspect the model's class in this process while the block runs.
+
+    The first time a model class is loaded on a machine (per vLLM version), vLLM's registry
+    imports it in a new Python process, to keep CUDA out of a process that will fork the
+    engine, and caches what it learnt (``~/.cache/vllm/modelinfos``). That subprocess imports
+    all of vLLM again: 20 s of a 70 s first load on a fresh H100 machine (docs/benchmarks.md).
+    Our engine runs in this process (CUDA is here anyway), so the class is inspected here; vLLM
+    still writes its cache. With vLLM's multiprocessing turned back on, or a vLLM without the
+    hook, nothing changes.
+    """
+    registry = None
+    if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0":
+        with contextlib.suppress(ImportError):
+            registry = importlib.import_module("vllm.model_executor.models.registry")
+    original = getattr(registry, "_run_in_subprocess", None)
+    if registry is None or not callable(original):
+        yield
+        return
+    registry._run_in_subprocess = lambda function: function()
+    try:
+        yield
+    finally:
+        registry._run_in_subprocess = original
 
 
 def _create_cuda_context() -> None:

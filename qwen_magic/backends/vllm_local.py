@@ -110,8 +110,10 @@ class Engine:
         if not verbose and "use_tqdm_on_load" in accepted:
             kwargs.setdefault("use_tqdm_on_load", False)  # our progress line says it all
         self._progress("starting engine")
-        with compat.load_phases(self._progress):
+        modules_before = set(sys.modules)
+        with compat.load_phases(self._progress), compat.model_inspection_in_process():
             self._llm = self._start(vllm, kwargs, verbose=verbose)
+        compat.record_load_imports(modules_before)
         self.max_model_len: int = int(self._llm.llm_engine.model_config.max_model_len)
         self.generation_defaults: dict[str, Any] = compat.read_generation_defaults(
             self._llm, GENERATION_DEFAULT_KEYS
