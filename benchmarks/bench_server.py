@@ -4,7 +4,7 @@
     python benchmarks/bench_server.py --server http://host:8000 --label remote
 
 Starts a managed server (``--serve``; tensor parallel with ``--tp``) unless ``--server`` names
-one, then measures, paths alternated within each run:
+one, then measures, paths alternated within each run (and which goes first alternates too):
 
   single: decode tokens/s of one greedy reply through ``%%qwen`` (a real IPython shell, display
           included) against a raw streaming ``httpx`` request with the identical JSON body;
@@ -135,18 +135,30 @@ def main() -> None:
     cell = f"%%qwen --no-history -o reply --max-tokens {args.tokens} -t 0\n{QUESTIONS[0]}"
     raw_single, magic_single, raw_many, ours_many = [], [], [], []
     raw_request(bot, "warm up", 16)
-    for _ in range(args.repeat):
+
+    def raw_once() -> None:
         begin = time.perf_counter()
         generated = raw_request(bot, QUESTIONS[0], args.tokens)
         raw_single.append(generated / (time.perf_counter() - begin))
+
+    def magic_once() -> None:
         with contextlib.redirect_stdout(io.StringIO()):
             begin = time.perf_counter()
             outcome = shell.run_cell(cell)
             seconds = time.perf_counter() - begin
         outcome.raise_error()
         magic_single.append(outcome.result.num_generated_tokens / seconds)
-        raw_many.append(concurrent(raw_request, bot, args.concurrency, args.tokens))
-        ours_many.append(concurrent(ours, bot, args.concurrency, args.tokens))
+
+    for number in range(args.repeat):
+        # Which path goes first alternates, so neither always meets a server just warmed up.
+        for step in (raw_once, magic_once) if number % 2 == 0 else (magic_once, raw_once):
+            step()
+        many = [
+            lambda: raw_many.append(concurrent(raw_request, bot, args.concurrency, args.tokens)),
+            lambda: ours_many.append(concurrent(ours, bot, args.concurrency, args.tokens)),
+        ]
+        for step in many if number % 2 == 0 else many[::-1]:
+            step()
         print(f"single raw {raw_single[-1]:.0f} / %%qwen {magic_single[-1]:.0f} tok/s; "
               f"x{args.concurrency} raw {raw_many[-1]:.0f} / QwenChat {ours_many[-1]:.0f} tok/s",
               flush=True)  # fmt: skip

