@@ -267,8 +267,8 @@ cell("%%qwen -t 0\nMy name is Ada. Please remember it.")
 facts["name_with_history"] = cell("%%qwen -t 0\nWhat is my name?")[1].assistant
 facts["name_without_history"] = cell("%%qwen -t 0 --no-history\nWhat is my name?")[1].assistant
 # What Jupyter does on "interrupt": SIGINT to the kernel's whole process group, mid-reply.
-threading.Timer(1.5, os.killpg, (os.getpgrp(), signal.SIGINT)).start()
-result, turn = cell("%%qwen -t 0.7 --max-tokens 3000\nWrite a very long story about a lighthouse.")
+threading.Timer(1.0, os.killpg, (os.getpgrp(), signal.SIGINT)).start()
+result, turn = cell("%%qwen -t 0 --max-tokens 3000\nCount from 1 to 3000, one number per line.")
 facts["interrupted"] = isinstance(result.error_in_exec, KeyboardInterrupt)
 facts["partial_kept_and_marked"] = bool(turn.assistant) and turn.interrupted
 facts["next_cell"] = cell("%%qwen -t 0 --no-history\nWhat is 2 + 3?")[1].assistant

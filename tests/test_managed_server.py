@@ -603,3 +603,40 @@ def test_a_normal_exit_stops_the_server_before_the_process_ends(
         _kill_group(server_pid)
         if log_dir is not None:
             shutil.rmtree(log_dir, ignore_errors=True)
+
+
+@needs_posix
+def test_an_interrupt_while_stopping_kills_the_server_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server that ignores SIGTERM would get 15 s; an interrupt (a second Ctrl-C, Jupyter's
+    Stop) during that wait kills it at once and is then passed on."""
+    from qwen_magic.backends import managed_server
+
+    (tmp_path / "stubborn_server.py").write_text(
+        "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "print('up', flush=True)\ntime.sleep(600)\n"
+    )
+    monkeypatch.setattr(managed_server, "SERVER_MODULE", "stubborn_server")
+    environment = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    server = managed_server.ManagedServer([], environment, port=9)
+    deadline = time.monotonic() + 20
+    while "up" not in server.log_path.read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    begin = time.monotonic()
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.5)
+        with pytest.raises(KeyboardInterrupt):
+            server.stop()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert time.monotonic() - begin < 5
+    assert not psutil.pid_exists(server.pid) or psutil.Process(server.pid).status() == "zombie"
+    assert "stopped" in repr(server)
+    server.stop()  # stopped for good: a second stop does nothing

@@ -284,7 +284,8 @@ class ManagedServer:
                 time.sleep(POLL_SECONDS)
 
     def stop(self, *, keep_log: bool = False) -> None:
-        """Stop the server and its children (SIGTERM to its group, SIGKILL after 15 s).
+        """Stop the server and its children (SIGTERM to its group, SIGKILL after 15 s, or at
+        once when an interrupt cuts the wait short; the interrupt is raised after).
 
         The log is deleted unless ``keep_log`` or the server had already exited by itself.
         Safe to call twice and from any thread.
@@ -296,9 +297,13 @@ class ManagedServer:
             group = self.pid  # start_new_session: the server leads its own group
             _signal_group(group, signal.SIGTERM)
             deadline = time.monotonic() + STOP_SECONDS
-            while _signal_group(group, 0) and time.monotonic() < deadline:
-                self._process.poll()  # reap the server itself, so it stops counting
-                time.sleep(0.1)
+            interrupted = False
+            try:
+                while _signal_group(group, 0) and time.monotonic() < deadline:
+                    self._process.poll()  # reap the server itself, so it stops counting
+                    time.sleep(0.1)
+            except KeyboardInterrupt:  # no more waiting: kill it now, then pass the interrupt on
+                interrupted = True
             _signal_group(group, signal.SIGKILL)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self._process.wait(timeout=5)
@@ -306,6 +311,8 @@ class ManagedServer:
             atexit.unregister(self.stop)
             if not (keep_log or exited_by_itself):
                 shutil.rmtree(self.log_dir, ignore_errors=True)
+        if interrupted:
+            raise KeyboardInterrupt
 
 
 def _signal_group(group: int, signum: int) -> bool:
