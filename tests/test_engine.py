@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -536,30 +537,77 @@ def test_a_load_records_its_imports_and_the_next_background_import_replays_them(
     engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("QWEN_MAGIC_HOME", str(tmp_path))
-    before = set(sys.modules)
-    import colorsys  # noqa: F401 - stands in for a module the load imported
+    model_module = "vllm.model_executor.models.qwen2"  # imported by the engine fixture's load
+    assert model_module in sys.modules
+    import wave  # noqa: F401 - not one of vLLM's packages: never recorded
 
-    if "colorsys" in before:
-        before.discard("colorsys")
+    before = set(sys.modules) - {model_module, "wave"}
     _vllm_compat.record_load_imports(before)
     recorded = tmp_path / f"vllm-{engine.vllm_version}-load-imports.json"
-    assert "colorsys" in json.loads(recorded.read_text())
-    # The replay imports what was recorded and skips what cannot be imported any more.
-    recorded.write_text(json.dumps(["colorsys", "no_such_module_for_qwen_magic", "wave"]))
-    monkeypatch.delitem(sys.modules, "wave", raising=False)
+    modules = json.loads(recorded.read_text())["modules"]
+    assert model_module in modules and "wave" not in modules
+    # The next load imports nothing new (the replay brought it in ahead): the list is kept.
+    _vllm_compat.record_load_imports(set(sys.modules))
+    assert json.loads(recorded.read_text())["modules"] == modules
+    # A module that fails to import ahead is skipped from then on.
+    missing = "vllm.no_such_module_for_qwen_magic"
+    recorded.write_text(json.dumps({"modules": [missing], "failed": []}))
+    monkeypatch.setattr(_vllm_compat, "_replay_failed", set())
     _vllm_compat._replay_load_imports()
-    assert "wave" in sys.modules
+    _vllm_compat.record_load_imports(before)
+    assert json.loads(recorded.read_text())["failed"] == [missing]
+    # A damaged file is started again, and never fails the load that records.
     recorded.write_text("{not json")
-    _vllm_compat._replay_load_imports()  # a damaged cache is ignored
+    _vllm_compat.record_load_imports(before)
+    assert model_module in json.loads(recorded.read_text())["modules"]
+
+
+INSPECTION_SCRIPT = """
+import sys
+from vllm.model_executor.models import registry
+
+from qwen_magic.backends.vllm_local import Engine
+from qwen_magic.backends.vllm_options import EngineOptions
+
+def no_subprocess(function):
+    raise AssertionError("vLLM inspected the model class in a subprocess")
+
+registry._run_in_subprocess = no_subprocess
+with Engine(EngineOptions(model=sys.argv[1], max_model_len=512, kv_cache_gib=0.25)):
+    pass
+assert registry._run_in_subprocess is no_subprocess  # put back after the load
+print("LOADED")
+"""
 
 
 @pytest.mark.engine
-def test_vllm_inspects_the_model_class_in_this_process_during_a_load(engine: Engine) -> None:
-    import os
+@pytest.mark.slow
+def test_vllm_inspects_the_model_class_in_this_process_during_a_load(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """In a new process with an empty vLLM cache, vLLM would re-import itself in a subprocess to
+    inspect the model class; a load must not (that path raises here) and still fills the cache."""
+    environment = {**os.environ, "VLLM_CACHE_ROOT": str(tmp_path), "VLLM_CPU_KVCACHE_SPACE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", INSPECTION_SCRIPT, str(tiny_model)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=environment,
+    )
+    assert "LOADED" in done.stdout, done.stderr[-3000:]
+    assert list((tmp_path / "modelinfos").glob("*Qwen2ForCausalLM.json"))
 
+
+def test_model_inspection_is_put_back_when_the_block_fails(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     from vllm.model_executor.models import registry
 
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine's own setting
+
     original = registry._run_in_subprocess
-    with _vllm_compat.model_inspection_in_process():
-        assert registry._run_in_subprocess(os.getpid) == os.getpid()
+    with pytest.raises(RuntimeError), _vllm_compat.model_inspection_in_process():
+        assert registry._run_in_subprocess is not original
+        raise RuntimeError
     assert registry._run_in_subprocess is original

@@ -9,7 +9,8 @@ checks, never by comparing version strings.
   machine), so the 10-20 s import overlaps the user's reading; :func:`import_vllm` joins it.
   That thread also imports the modules the last load imported (:func:`record_load_imports`,
   kept per vLLM version in the model cache folder): vLLM imports its model runner, layers and
-  kernels lazily, inside ``LLM()``, and those seconds overlap the reading too.
+  kernels lazily, inside ``LLM()``, and those seconds overlap the reading too. On a GPU it
+  also creates the CUDA context and builds Triton's CUDA helpers.
 - :func:`load_phases` turns vLLM's own log lines into the load display's phases (loading
   weights, compiling, capturing CUDA graphs), whether or not those lines are shown.
 - :func:`model_inspection_in_process`: the first load of a model class on a machine no longer
@@ -26,6 +27,7 @@ import io
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -47,19 +49,19 @@ _VLLM_MODULES = (
 
 
 _import_lock = threading.Lock()
-_import_thread: threading.Thread | None = None
+_import_threads: list[threading.Thread] = []
 _import_failure: list[BaseException] = []
 
 
 def start_import(*, warm_device: bool = False) -> bool:
     """Start importing vLLM in the background (once); False when it is imported or underway.
 
-    ``warm_device`` then also creates the CUDA context: on a freshly started machine the
-    driver's first use took about 20 s (docs/benchmarks.md), which this overlaps as well.
+    ``warm_device`` then also creates the CUDA context and builds Triton's CUDA helper module (a
+    C compile of about 6 s the first time Triton runs on a machine, cached in ~/.triton), after
+    the import: vLLM sets up the environment torch and Triton read before they load.
     """
-    global _import_thread
     with _import_lock:
-        if _import_thread is not None or "vllm.entrypoints.llm" in sys.modules:
+        if _import_threads or "vllm.entrypoints.llm" in sys.modules:
             return False
 
         def work() -> None:
@@ -70,61 +72,108 @@ def start_import(*, warm_device: bool = False) -> bool:
                 _import_failure.append(error)
                 return
             if warm_device:
-                _create_cuda_context()
-                _build_triton_driver()
+                _warm_device()
             _replay_load_imports()
 
-        _import_thread = threading.Thread(target=work, name="qwen-magic-import-vllm", daemon=True)
-        _import_thread.start()
+        thread = threading.Thread(target=work, name="qwen-magic-import-vllm", daemon=True)
+        _import_threads[:] = [thread]  # tracked before it runs: an interrupt cannot lose it
+        thread.start()
         return True
 
 
+def _warm_device() -> None:
+    """Create the CUDA context and build Triton's CUDA helpers (vLLM's load would do both);
+    only a head start: the load reports any real problem itself."""
+    with contextlib.suppress(Exception):
+        import torch
+
+        if not torch.cuda.is_available():
+            return
+        torch.empty(1, device="cuda")
+    with contextlib.suppress(Exception):  # no Triton, or no GPU backend: nothing to build
+        from triton.runtime import driver
+
+        driver.active  # noqa: B018 - creating the driver compiles its helpers
+
+
+# What the last load imported, per vLLM version: {"modules": [...], "failed": [...]}.
+_replay_failed: set[str] = set()  # modules whose replay failed in this process
+
+
 def _load_imports_file() -> Path | None:
+    """Where the modules the last load imported are kept (None before vLLM is imported)."""
     from qwen_magic.models import cache_root
 
     version = getattr(sys.modules.get("vllm"), "__version__", None)
     return cache_root() / f"vllm-{version}-load-imports.json" if version else None
 
 
+def _read_load_imports(path: Path) -> tuple[list[str], set[str]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # none yet, or damaged: start again
+        return [], set()
+    if not isinstance(data, dict):
+        return [], set()
+    modules = [name for name in data.get("modules", ()) if isinstance(name, str)]
+    failed = {name for name in data.get("failed", ()) if isinstance(name, str)}
+    return modules, failed
+
+
+def _vllm_top_level_packages() -> set[str]:
+    """The top-level packages of vLLM's distribution and of the ones it requires (no extras):
+    the only modules worth importing ahead, never the user's own."""
+    from importlib import metadata
+
+    def normalised(name: str) -> str:
+        return re.sub(r"[-_.]+", "-", name).lower()
+
+    owners = metadata.packages_distributions()
+    wanted = {normalised(name) for name in owners.get("vllm", ())}
+    for distribution in list(wanted):
+        for requirement in metadata.requires(distribution) or ():
+            if "extra ==" not in requirement:
+                wanted.add(normalised(re.split(r"[\s;<>=!~\[(]", requirement, maxsplit=1)[0]))
+    return {top for top, names in owners.items() if any(normalised(n) in wanted for n in names)} | {
+        "vllm"
+    }
+
+
 def record_load_imports(before: set[str]) -> None:
-    """Remember the modules a successful load imported (all but ``before``), for the next
-    background import; a cache only: failing to write it changes nothing."""
-    path = _load_imports_file()
-    if path is None:
-        return
-    names = sorted(
-        name for name in set(sys.modules) - before if not name.startswith(("qwen_magic", "__"))
-    )
-    with contextlib.suppress(OSError):
-        if path.exists() and json.loads(path.read_text(encoding="utf-8")) == names:
+    """Remember the modules vLLM's packages that a successful load needed, in import order:
+    those imported since ``before`` and those the background import brought in ahead. A cache
+    only: whatever goes wrong here, the load stands."""
+    with contextlib.suppress(Exception):
+        path = _load_imports_file()
+        if path is None:
+            return
+        previous, failed = _read_load_imports(path)
+        failed |= _replay_failed
+        candidates = (set(sys.modules) - before) | set(previous)
+        packages = _vllm_top_level_packages()
+        modules = [
+            name
+            for name in list(sys.modules)
+            if name in candidates and name not in failed and name.partition(".")[0] in packages
+        ]
+        if modules == previous and not _replay_failed:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-        partial.write_text(json.dumps(names), encoding="utf-8")
+        partial.write_text(json.dumps({"modules": modules, "failed": sorted(failed)}))
         os.replace(partial, path)
 
 
 def _replay_load_imports() -> None:
     """Import what the last load of this vLLM version imported (see the module docstring)."""
     path = _load_imports_file()
-    try:
-        names = json.loads(path.read_text(encoding="utf-8")) if path else []
-    except (OSError, ValueError):
-        return
-    for name in names if isinstance(names, list) else ():
-        if isinstance(name, str) and name not in sys.modules:
-            # Some of vLLM's modules only import in the state a load sets up; those wait.
-            with contextlib.suppress(Exception):
+    modules, failed = _read_load_imports(path) if path else ([], set())
+    for name in modules:
+        if name not in sys.modules and name not in failed:
+            try:
                 importlib.import_module(name)
-
-
-def _build_triton_driver() -> None:
-    """Build Triton's CUDA helper module now: on a machine where Triton never ran, that is a C
-    compile of about 6 s inside the load's first kernel launch (cached in ~/.triton after)."""
-    with contextlib.suppress(Exception):  # no Triton, or no GPU backend: nothing to build
-        from triton.runtime import driver
-
-        driver.active  # noqa: B018 - creating the driver compiles its helpers
+            except Exception:  # some only import in the state a load sets up: never again
+                _replay_failed.add(name)
 
 
 @contextlib.contextmanager
@@ -154,27 +203,14 @@ def model_inspection_in_process() -> Iterator[None]:
         registry._run_in_subprocess = original
 
 
-def _create_cuda_context() -> None:
-    """Make the process's CUDA context now (vLLM would make it while loading)."""
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.empty(1, device="cuda")
-    except Exception:  # only a head start: vLLM's load reports any real problem itself
-        pass
-
-
 def import_vllm() -> ModuleType:
     """Import vLLM (in a throwaway thread the first time, see the module docstring)."""
-    global _import_thread
-    if "vllm.entrypoints.llm" not in sys.modules or _import_thread is not None:
+    if "vllm.entrypoints.llm" not in sys.modules or _import_threads:
         start_import()
-        thread = _import_thread
-        if thread is not None:
+        for thread in list(_import_threads):
             thread.join()
         with _import_lock:
-            _import_thread = None
+            _import_threads.clear()
             failure = list(_import_failure)
             _import_failure.clear()
         if failure:
