@@ -638,5 +638,5 @@ def test_an_interrupt_while_stopping_kills_the_server_at_once(
         signal.signal(signal.SIGALRM, previous)
     assert time.monotonic() - begin < 5
     assert not psutil.pid_exists(server.pid) or psutil.Process(server.pid).status() == "zombie"
-    assert "stopped" in repr(server)
+    assert "stopped" in repr(server) and not server.log_dir.exists()
     server.stop()  # stopped for good: a second stop does nothing

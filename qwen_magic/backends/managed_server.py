@@ -208,6 +208,7 @@ class ManagedServer:
         self.log_path = self.log_dir / "server.log"
         self._lock = threading.Lock()
         self._stopped = False
+        self._exited_by_itself: bool | None = None
         self._started = time.monotonic()
         with self.log_path.open("wb") as log:
             self._process = subprocess.Popen(
@@ -293,7 +294,8 @@ class ManagedServer:
         with self._lock:  # marked stopped only once it is: an interrupted stop can be retried
             if self._stopped:
                 return
-            exited_by_itself = self._process.poll() is not None
+            if self._exited_by_itself is None:  # decided by the first try, not by a retry
+                self._exited_by_itself = self._process.poll() is not None
             group = self.pid  # start_new_session: the server leads its own group
             _signal_group(group, signal.SIGTERM)
             deadline = time.monotonic() + STOP_SECONDS
@@ -309,7 +311,7 @@ class ManagedServer:
                 self._process.wait(timeout=5)
             self._stopped = True
             atexit.unregister(self.stop)
-            if not (keep_log or exited_by_itself):
+            if not (keep_log or self._exited_by_itself):
                 shutil.rmtree(self.log_dir, ignore_errors=True)
         if interrupted:
             raise KeyboardInterrupt
