@@ -21,6 +21,14 @@ import pytest
 from qwen_magic import models
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Give SIGINT Python's own handler back: a runner started in the background by a
+    non-interactive shell inherits SIGINT ignored, and the interrupt tests would then see
+    nothing (a kernel, a terminal or CI in the foreground have the default handler)."""
+    if signal.getsignal(signal.SIGINT) in (signal.SIG_IGN, signal.SIG_DFL):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 @pytest.fixture(scope="session")
 def demo_model() -> Path:
     """Qwen2.5-Coder-0.5B-Instruct as a bf16 Hugging Face folder."""
