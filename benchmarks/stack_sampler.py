@@ -6,7 +6,8 @@ Every ``interval`` seconds a thread reads the stack of every other Python thread
 - ``modules``: seconds spent running a module's top-level code (imports), by source file,
   counting only the innermost module on each stack, so nested imports are not counted twice;
 - ``functions``: seconds each function was on a stack (inclusive), for the slowest ones;
-- ``stacks``: the most frequent collapsed stacks (``file:function;...``, flame-graph format).
+
+and :meth:`StackSampler.write_collapsed` every stack (``file:function;...``, flame-graph format).
 
 Set ``sampler.phase`` to split the counts (``"reading"``, ``"load"``, ...): the report has
 one section per phase.
@@ -73,7 +74,7 @@ class StackSampler:
                     current = current.f_back
                 stack.append(f"[{self.phase}]")
                 stack.reverse()
-                if not stack or stack[-1].endswith("threading.py:wait"):
+                if stack[-1].endswith("threading.py:wait"):
                     continue  # an idle thread (the engine's and the pool's waiting workers)
                 self._stacks[tuple(stack)] += weight
 

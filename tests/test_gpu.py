@@ -221,7 +221,8 @@ def test_a_failed_load_after_torch_compile_frees_the_weights():
     _failed_load_frees_the_weights("--compile")
 
 
-TENSOR_PARALLEL_SCRIPT = r"""
+# A "kernel": an IPython shell in its own process group, with a managed TP=2 server.
+SHELL_WITH_A_TP2_SERVER = r"""
 import json, os, signal, sys, threading
 from IPython.testing.globalipapp import start_ipython
 
@@ -232,7 +233,11 @@ session = ip.magics_manager.registry["QwenMagics"].session
 ip.run_line_magic("qwen_load", sys.argv[1] + " --tensor-parallel-size 2"
                   " --gpu-memory-utilization 0.4 --max-model-len 4096")
 facts = {"where": session.bot.backend.info.where}
-# What Jupyter does on "interrupt": SIGINT to the kernel's whole process group.
+"""
+
+TENSOR_PARALLEL_SCRIPT = (
+    SHELL_WITH_A_TP2_SERVER
+    + r"""# What Jupyter does on "interrupt": SIGINT to the kernel's whole process group.
 threading.Timer(2.0, os.killpg, (os.getpgrp(), signal.SIGINT)).start()
 result = ip.run_cell("%%qwen -t 1 --max-tokens 3000\nTell me a very long story.")
 facts["interrupted"] = isinstance(result.error_in_exec, KeyboardInterrupt)
@@ -242,20 +247,12 @@ facts["next_reply_tokens"] = reply.num_generated_tokens
 ip.run_line_magic("qwen_unload", "")
 print("FACTS " + json.dumps(facts), flush=True)
 """
+)
 
 
-DEMO_ON_TENSOR_PARALLEL_SCRIPT = r"""
-import json, os, signal, sys, threading
-from IPython.testing.globalipapp import start_ipython
-
-ip = start_ipython()
-ip.run_line_magic("load_ext", "qwen_magic")
-ip.run_line_magic("config", 'QwenMagics.display_mode = "terminal"')
-session = ip.magics_manager.registry["QwenMagics"].session
-ip.run_line_magic("qwen_load", sys.argv[1] + " --tensor-parallel-size 2"
-                  " --gpu-memory-utilization 0.4 --max-model-len 4096")
-facts = {"where": session.bot.backend.info.where}
-
+DEMO_ON_TENSOR_PARALLEL_SCRIPT = (
+    SHELL_WITH_A_TP2_SERVER
+    + r"""
 
 def cell(text):
     result = ip.run_cell(text, store_history=True)  # a new cell each time, as in a notebook
@@ -275,6 +272,7 @@ facts["next_cell"] = cell("%%qwen -t 0 --no-history\nWhat is 2 + 3?")[1].assista
 ip.run_line_magic("qwen_unload", "")
 print("FACTS " + json.dumps(facts), flush=True)
 """
+)
 
 
 def _run_script_in_own_session(tmp_path, text, model):
@@ -320,24 +318,13 @@ def test_tensor_parallel_runs_in_a_managed_server_that_survives_interrupts(tmp_p
     """--tensor-parallel-size 2 in a kernel: a server in its own session, so a Jupyter-style
     interrupt (SIGINT to the kernel's process group) stops the reply and the next one works."""
     _needs_cuda()
-    import json
-
     import torch
 
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs")
-    script = tmp_path / "tensor_parallel.py"
-    script.write_text(TENSOR_PARALLEL_SCRIPT, encoding="utf-8")
-    result = subprocess.run(
-        [sys.executable, str(script), _model("QWEN_MAGIC_GPU_MODEL")],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        start_new_session=True,  # its own process group, as a kernel has
+    facts = _run_script_in_own_session(
+        tmp_path, TENSOR_PARALLEL_SCRIPT, _model("QWEN_MAGIC_GPU_MODEL")
     )
-    lines = [line for line in result.stdout.splitlines() if line.startswith("FACTS ")]
-    assert lines, result.stdout[-3000:] + result.stderr[-3000:]
-    facts = json.loads(lines[-1][len("FACTS ") :])
     assert facts["where"].startswith("http://127.0.0.1:")
     assert facts["interrupted"] and facts["turn_marked"]
     assert facts["next_reply_tokens"] > 0
