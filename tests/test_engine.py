@@ -34,6 +34,7 @@ from qwen_magic.backends import (
     BackendInfo,
     Delta,
     _vllm_compat,
+    _vllm_startup,
     check_options,
 )
 from qwen_magic.backends.vllm_local import Engine
@@ -542,23 +543,23 @@ def test_a_load_records_its_imports_and_the_next_background_import_replays_them(
     import wave  # noqa: F401 - not one of vLLM's packages: never recorded
 
     before = set(sys.modules) - {model_module, "wave"}
-    _vllm_compat.record_load_imports(before)
+    _vllm_startup.record_load_imports(before)
     recorded = tmp_path / f"vllm-{engine.vllm_version}-load-imports.json"
     modules = json.loads(recorded.read_text())["modules"]
     assert model_module in modules and "wave" not in modules
     # The next load imports nothing new (the replay brought it in ahead): the list is kept.
-    _vllm_compat.record_load_imports(set(sys.modules))
+    _vllm_startup.record_load_imports(set(sys.modules))
     assert json.loads(recorded.read_text())["modules"] == modules
     # A module that fails to import ahead is skipped from then on.
     missing = "vllm.no_such_module_for_qwen_magic"
     recorded.write_text(json.dumps({"modules": [missing], "failed": []}))
-    monkeypatch.setattr(_vllm_compat, "_replay_failed", set())
-    _vllm_compat._replay_load_imports()
-    _vllm_compat.record_load_imports(before)
+    monkeypatch.setattr(_vllm_startup, "_replay_failed", set())
+    _vllm_startup._replay_load_imports()
+    _vllm_startup.record_load_imports(before)
     assert json.loads(recorded.read_text())["failed"] == [missing]
     # A damaged file is started again, and never fails the load that records.
     recorded.write_text("{not json")
-    _vllm_compat.record_load_imports(before)
+    _vllm_startup.record_load_imports(before)
     assert model_module in json.loads(recorded.read_text())["modules"]
 
 
@@ -607,7 +608,7 @@ def test_model_inspection_is_put_back_when_the_block_fails(
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine's own setting
 
     original = registry._run_in_subprocess
-    with pytest.raises(RuntimeError), _vllm_compat.model_inspection_in_process():
+    with pytest.raises(RuntimeError), _vllm_startup.model_inspection_in_process():
         assert registry._run_in_subprocess is not original
         raise RuntimeError
     assert registry._run_in_subprocess is original

@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from qwen_magic.backends import _vllm_compat as compat
+from qwen_magic.backends import _vllm_startup as startup
 from qwen_magic.backends.base import (
     BackendBusy,
     BackendInfo,
@@ -64,7 +65,7 @@ def start_import() -> bool:
     underway."""
     prepare_import()
     with compat.quiet_unless(False):
-        return compat.start_import(warm_device=True)
+        return startup.start_import(warm_device=True)
 
 
 class Engine:
@@ -96,7 +97,7 @@ class Engine:
         prepare_import(verbose=verbose)
         self._progress("importing vLLM")
         with compat.quiet_unless(verbose):
-            vllm = compat.import_vllm()
+            vllm = startup.import_vllm()
         compat.set_log_level(verbose)  # the import installed vLLM's own handler
         from vllm.engine.arg_utils import EngineArgs
         from vllm.platforms import current_platform
@@ -111,9 +112,9 @@ class Engine:
             kwargs.setdefault("use_tqdm_on_load", False)  # our progress line says it all
         self._progress("starting engine")
         modules_before = set(sys.modules)
-        with compat.load_phases(self._progress), compat.model_inspection_in_process():
+        with compat.load_phases(self._progress), startup.model_inspection_in_process():
             self._llm = self._start(vllm, kwargs, verbose=verbose)
-        compat.record_load_imports(modules_before)
+        startup.record_load_imports(modules_before)
         self.max_model_len: int = int(self._llm.llm_engine.model_config.max_model_len)
         self.generation_defaults: dict[str, Any] = compat.read_generation_defaults(
             self._llm, GENERATION_DEFAULT_KEYS
