@@ -129,21 +129,23 @@ def _vllm_top_level_packages() -> set[str]:
     }
 
 
-def record_load_imports(before: set[str]) -> None:
-    """Remember the modules vLLM's packages that a successful load needed, in import order:
-    those imported since ``before`` and those the background import brought in ahead. A cache
-    only: whatever goes wrong here, the load stands."""
+def record_load_imports(before: set[str], loaded: list[str] | None = None) -> None:
+    """Remember the modules of vLLM's packages that a successful load needed, in import order:
+    those imported since ``before`` and those the background import brought in ahead (of
+    ``loaded``, ``sys.modules`` by default). A cache only: whatever goes wrong here, the load
+    stands."""
+    loaded = list(sys.modules) if loaded is None else loaded
     with contextlib.suppress(Exception):
         path = _load_imports_file()
         if path is None:
             return
         previous, failed = _read_load_imports(path)
         failed |= _replay_failed
-        candidates = (set(sys.modules) - before) | set(previous)
+        candidates = (set(loaded) - before) | set(previous)
         packages = _vllm_top_level_packages()
         modules = [
             name
-            for name in list(sys.modules)
+            for name in loaded
             if name in candidates and name not in failed and name.partition(".")[0] in packages
         ]
         if modules == previous and not _replay_failed:
