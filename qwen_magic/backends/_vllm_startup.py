@@ -86,12 +86,12 @@ def _warm_device() -> None:
         driver.active  # noqa: B018 - creating the driver compiles its helpers
 
 
-# What the last load imported, per vLLM version: {"modules": [...], "failed": [...]}.
 _replay_failed: set[str] = set()  # modules whose replay failed in this process
 
 
 def _load_imports_file() -> Path | None:
-    """Where the modules the last load imported are kept (None before vLLM is imported)."""
+    """Where the modules the last load imported are kept, per vLLM version, as
+    ``{"modules": [...], "failed": [...]}`` (None before vLLM is imported)."""
     from qwen_magic.models import cache_root
 
     version = getattr(sys.modules.get("vllm"), "__version__", None)
@@ -124,9 +124,9 @@ def _vllm_top_level_packages() -> set[str]:
         for requirement in metadata.requires(distribution) or ():
             if "extra ==" not in requirement:
                 wanted.add(normalised(re.split(r"[\s;<>=!~\[(]", requirement, maxsplit=1)[0]))
-    return {top for top, names in owners.items() if any(normalised(n) in wanted for n in names)} | {
-        "vllm"
-    }
+    packages = {top for top, names in owners.items() if any(normalised(n) in wanted for n in names)}
+    packages.add("vllm")  # also when vLLM runs from a folder no distribution owns
+    return packages
 
 
 def record_load_imports(before: set[str], loaded: list[str] | None = None) -> None:
