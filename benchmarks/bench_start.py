@@ -16,7 +16,10 @@ A ``qwen-magic`` mode takes variants after slashes, to try a change before makin
 ``/all-graphs`` captures CUDA graphs for vLLM's ~70 batch sizes (qwen-magic's default: ten, 1,
 2, 4, ... 512); ``/verbose`` loads with ``--verbose`` (vLLM's log in the run's log);
 ``/no-replay`` forgets which modules the last load imported, so the background import at
-``%load_ext`` imports vLLM alone (what a first load on a machine does).
+``%load_ext`` imports vLLM alone (what a first load on a machine does); ``/v1-runner`` sets
+``VLLM_USE_V2_MODEL_RUNNER=0`` (vLLM 0.26 runs dense models on its V2 model runner by default).
+After the first reply, a ``qwen-magic`` run also times a reply of 8 samples (``-n 8``, Qwen's
+top-k 20 and top-p 0.8, 16 tokens), vLLM's first batch of 8 or more rows.
 
 Each reports seconds from process start and from the load call to the first token, and decode
 tokens per second over ``--decode-tokens`` tokens (``ignore_eos``, greedy). A run may first clear
@@ -97,6 +100,8 @@ def _qwen_magic(args: argparse.Namespace, started: float, mode: str) -> dict[str
     from IPython.testing.globalipapp import start_ipython
 
     mode, *variants = mode.split("/")
+    if "v1-runner" in variants:
+        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
     if "no-replay" in variants:
         from qwen_magic.models import cache_root
 
@@ -132,7 +137,10 @@ def _qwen_magic(args: argparse.Namespace, started: float, mode: str) -> dict[str
     session.load(args.model, options, progress=note, verbose="verbose" in variants)
     _phase("reply")
     reply = _first_reply(ask, started, load)
-    return {"load_ext_s": round(load_ext_s, 3), "phases": phases, **reply}
+    begin = time.perf_counter()
+    session.ask(None, "Name a colour.", n=8, max_tokens=16, temperature=0.7, top_k=20, top_p=0.8)
+    eight = round(time.perf_counter() - begin, 2)
+    return {"load_ext_s": round(load_ext_s, 3), "phases": phases, **reply, "n8_reply_s": eight}
 
 
 def _first_reply(ask: Any, started: float, load: float) -> dict[str, Any]:

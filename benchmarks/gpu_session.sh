@@ -105,6 +105,9 @@ start)
     if [[ -f /tmp/gguf/gguf_chunk.08 ]]; then bash "$0" convert >> "$out/start.log" 2>&1; fi
     python3 benchmarks/bench_start.py --model /tmp/models/random-0.5b \
         --runs vllm-default,transformers --out "$out/start-$label-others.json" >> "$out/start.log" 2>&1
+    # Which Triton kernels a load compiles, and when (the cache holds one folder per kernel).
+    find ~/.triton/cache -name "*.json" ! -name "__grp__*" -printf "%TT %s %f\n" | sort \
+        > "$out/triton-kernels.txt" 2>&1 || true
     echo "start: done" >> "$out/start.log"
     ;;
 server-tp2)
