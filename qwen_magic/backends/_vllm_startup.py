@@ -6,8 +6,9 @@
   machine), so the 10-25 s import overlaps the user's reading; :func:`import_vllm` joins it.
 - That thread also imports the modules the last load needed (:func:`record_load_imports`, kept
   per vLLM version in the model cache folder): vLLM imports its model runner, layers and kernels
-  inside ``LLM()``, and those seconds overlap the reading too. On a GPU it also creates the CUDA
-  context and builds Triton's CUDA helpers.
+  inside ``LLM()``, and those seconds overlap the reading too. On a GPU, a thread of its own
+  then creates the CUDA context and builds Triton's CUDA helpers, which the load does not wait
+  for.
 - :func:`model_inspection_in_process`: the first load of a model class on a machine no longer
   pays for vLLM importing itself again in a subprocess (20 s on a fresh H100 machine).
 
@@ -41,14 +42,16 @@ _VLLM_MODULES = (
 _import_lock = threading.Lock()
 _import_threads: list[threading.Thread] = []
 _import_failure: list[BaseException] = []
+_device_threads: list[threading.Thread] = []  # CUDA context and Triton helpers, see _warm_device
 
 
 def start_import(*, warm_device: bool = False) -> bool:
     """Start importing vLLM in the background (once); False when it is imported or underway.
 
-    ``warm_device`` then also creates the CUDA context and builds Triton's CUDA helper module (a
-    C compile of about 6 s the first time Triton runs on a machine, cached in ~/.triton), after
-    the import: vLLM sets up the environment torch and Triton read before they load.
+    ``warm_device`` then also starts a thread that creates the CUDA context and builds Triton's
+    CUDA helper module (a C compile of about 6 s the first time Triton runs on a machine, cached
+    in ~/.triton), after the import: vLLM sets up the environment torch and Triton read before
+    they load.
     """
     with _import_lock:
         if _import_threads or "vllm.entrypoints.llm" in sys.modules:
@@ -62,13 +65,25 @@ def start_import(*, warm_device: bool = False) -> bool:
                 _import_failure.append(error)
                 return
             if warm_device:
-                _warm_device()
+                _start_device_warm_up()
             _replay_load_imports()
 
         thread = threading.Thread(target=work, name="qwen-magic-import-vllm", daemon=True)
         _import_threads[:] = [thread]  # tracked before it runs: an interrupt cannot lose it
         thread.start()
         return True
+
+
+def _start_device_warm_up() -> None:
+    """Run :func:`_warm_device` in its own thread (once): the load waits for the import thread
+    (measured: 6 s of C compiling on a fresh machine), and needs neither the CUDA context nor
+    Triton's helpers before it has read the model's config."""
+    with _import_lock:
+        if _device_threads:
+            return
+        thread = threading.Thread(target=_warm_device, name="qwen-magic-warm-device", daemon=True)
+        _device_threads.append(thread)
+    thread.start()
 
 
 def _warm_device() -> None:
