@@ -42,7 +42,6 @@ _VLLM_MODULES = (
 _import_lock = threading.Lock()
 _import_threads: list[threading.Thread] = []
 _import_failure: list[BaseException] = []
-_device_threads: list[threading.Thread] = []  # CUDA context and Triton helpers, see _warm_device
 
 
 def start_import(*, warm_device: bool = False) -> bool:
@@ -64,8 +63,10 @@ def start_import(*, warm_device: bool = False) -> bool:
             except BaseException as error:  # re-raised by import_vllm, on the caller's side
                 _import_failure.append(error)
                 return
-            if warm_device:
-                _start_device_warm_up()
+            if warm_device:  # its own thread: the load waits for this one, and needs neither yet
+                threading.Thread(
+                    target=_warm_device, name="qwen-magic-warm-device", daemon=True
+                ).start()
             _replay_load_imports()
 
         thread = threading.Thread(target=work, name="qwen-magic-import-vllm", daemon=True)
@@ -74,21 +75,11 @@ def start_import(*, warm_device: bool = False) -> bool:
         return True
 
 
-def _start_device_warm_up() -> None:
-    """Run :func:`_warm_device` in its own thread (once): the load waits for the import thread
-    (measured: 6 s of C compiling on a fresh machine), and needs neither the CUDA context nor
-    Triton's helpers before it has read the model's config."""
-    with _import_lock:
-        if _device_threads:
-            return
-        thread = threading.Thread(target=_warm_device, name="qwen-magic-warm-device", daemon=True)
-        _device_threads.append(thread)
-    thread.start()
-
-
 def _warm_device() -> None:
     """Create the CUDA context and build Triton's CUDA helpers (vLLM's load would do both);
-    only a head start: the load reports any real problem itself."""
+    only a head start: the load reports any real problem itself. Runs beside the replay of the
+    last load's imports, not in the import thread the load joins: the helpers are a 6 s C
+    compile on a fresh machine, and the load needs neither before it has read the model."""
     with contextlib.suppress(Exception):
         import torch
 
