@@ -74,7 +74,7 @@ def history_state(magics: QwenMagics) -> list[tuple[str | None, list[tuple[str, 
 
 def test_load_ext_is_lazy_and_instant() -> None:
     code = (
-        "import sys, threading, time\n"
+        "import sys, time\n"
         "from IPython.testing.globalipapp import start_ipython\n"
         "ip = start_ipython()\n"
         "start = time.perf_counter()\n"
