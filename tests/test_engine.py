@@ -37,6 +37,7 @@ from qwen_magic.backends import (
     _vllm_startup,
     check_options,
 )
+from qwen_magic.backends.base import BatchRequest
 from qwen_magic.backends.vllm_local import Engine
 from qwen_magic.backends.vllm_options import EngineError, EngineOptions
 from qwen_magic.chatml import ChatFormatter
@@ -247,10 +248,10 @@ def test_stream_deltas_join_to_vllms_own_output(engine: Engine, prompt_ids: list
     assert not any(mark in streamed for mark in CONTROL_TEXTS)
     params = SamplingParams(max_tokens=12, temperature=0, stop_token_ids=STOP_IDS)
     (output,) = engine.llm.generate([{"prompt_token_ids": prompt_ids}], params, use_tqdm=False)
-    assert output.outputs[0].text == streamed
-    assert [token for delta in deltas for token in delta.token_ids] == list(
-        output.outputs[0].token_ids
-    )
+    ids = list(output.outputs[0].token_ids)
+    assert [token for delta in deltas for token in delta.token_ids] == ids
+    # vLLM runs without its tokenizer here (its own text: the test with vLLM's tokenizer below)
+    assert engine.tokenizer().decode(ids, skip_special_tokens=True) == streamed
 
 
 @pytest.mark.engine
@@ -272,8 +273,11 @@ def test_every_sampling_option_reaches_vllm(
     }
     _generate(engine, prompt_ids, n=2, **options)
     (params,) = sent
+    stop = options.pop("stop")
     for key, value in options.items():
         assert getattr(params, key) == value, key
+    # vLLM runs without its tokenizer here, so the engine applies stop strings itself (below)
+    assert not params.stop and engine._text_tokenizer is not None and stop == ["zzz"]
     assert params.n == 2 and params.skip_special_tokens is True
     assert set(STOP_IDS) <= set(params.stop_token_ids)
     assert params.output_kind.name == "DELTA"
@@ -324,6 +328,81 @@ def test_stop_token_ids_are_honoured(engine: Engine, prompt_ids: list[int]) -> N
     stopped_ids = [token for delta in stopped for token in delta.token_ids]
     assert stopped_ids[:cut] == ids[:cut] and len(stopped_ids) <= cut + 1
     assert stopped[-1].finish_reason == "stop"
+
+
+@pytest.mark.engine
+def test_a_model_folder_runs_vllm_without_its_tokenizer(engine: Engine) -> None:
+    assert engine.llm.llm_engine.model_config.skip_tokenizer_init is True
+    assert engine.tokenizer().token_to_id("<|im_end|>") == IM_END
+
+
+@pytest.mark.engine
+def test_stop_strings_end_the_reply_before_them(engine: Engine, prompt_ids: list[int]) -> None:
+    (whole,) = _generate(engine, prompt_ids, max_tokens=40, temperature=0)
+    words = whole.split()
+    stop = next(word for word in words[len(words) // 2 :] if len(word) > 2)
+    stopped = list(
+        engine.stream(prompt_ids, stop_token_ids=STOP_IDS, max_tokens=40, temperature=0, stop=stop)
+    )
+    assert "".join(delta.text for delta in stopped) == whole[: whole.index(stop)]
+    assert stopped[-1].finished and stopped[-1].finish_reason == "stop"
+    assert sum(len(delta.token_ids) for delta in stopped) < 40  # the engine stopped there
+    _assert_idle_and_usable(engine, prompt_ids)
+
+
+@pytest.mark.engine
+def test_stop_strings_end_each_sample_of_a_batch(engine: Engine, prompt_ids: list[int]) -> None:
+    samples = [BatchRequest(prompt_ids, {"max_tokens": 30, "temperature": 1.0, "seed": 5}, 3)]
+    whole = {d.index: d.text for _, d in engine.generate_many(samples, stop_token_ids=STOP_IDS)}
+    stop = whole[0][len(whole[0]) // 3 :][:3]
+    samples = [BatchRequest(prompt_ids, {**samples[0].sampling, "stop": [stop]}, 3)]
+    cut = {d.index: d for _, d in engine.generate_many(samples, stop_token_ids=STOP_IDS)}
+    assert sorted(cut) == [0, 1, 2]
+    for index, delta in cut.items():
+        expected = whole[index].split(stop)[0]
+        assert delta.text == expected and stop not in delta.text
+        assert delta.finish_reason == ("stop" if stop in whole[index] else "length")
+    assert cut[0].finish_reason == "stop"
+    _assert_idle_and_usable(engine, prompt_ids)
+
+
+VLLM_TEXT_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    from qwen_magic.backends.vllm_local import Engine
+    from qwen_magic.backends.vllm_options import EngineOptions
+
+    folder, prompt_ids, options = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+    engine = Engine(EngineOptions(
+        model=folder, max_model_len=2048, kv_cache_gib=0.25, seed=0, extra={"tokenizer": folder}
+    ))
+    assert not engine.llm.llm_engine.model_config.skip_tokenizer_init
+    texts = [""] * options["n"]
+    for delta in engine.stream(prompt_ids, stop_token_ids=json.loads(sys.argv[4]), **options):
+        texts[delta.index] += delta.text
+    print("TEXTS " + json.dumps(texts))
+    """
+)
+
+
+@pytest.mark.engine
+def test_the_text_is_what_vllm_makes_with_its_tokenizer(
+    engine: Engine, tiny_model: Path, prompt_ids: list[int]
+) -> None:
+    """The same requests with vLLM's own tokenizer and text (in a new process: two engines in
+    one process share vLLM's parallel state, and closing one breaks the other)."""
+    options = {"max_tokens": 40, "temperature": 1.0, "seed": 11, "n": 3, "stop": ["ing", "er"]}
+    ours = _generate(engine, prompt_ids, **options)
+    environment = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    arguments = [json.dumps(value) for value in (prompt_ids, options, STOP_IDS)]
+    done = subprocess.run(
+        [sys.executable, "-c", VLLM_TEXT_SCRIPT, str(tiny_model), *arguments],
+        capture_output=True, text=True, timeout=600, env=environment,
+    )  # fmt: skip
+    lines = [line for line in done.stdout.splitlines() if line.startswith("TEXTS ")]
+    assert lines, done.stderr[-3000:]
+    assert json.loads(lines[-1][len("TEXTS ") :]) == ours
+    assert any(ours)
 
 
 def _assert_idle_and_usable(engine: Engine, prompt_ids: list[int]) -> None:
@@ -567,6 +646,7 @@ INSPECTION_SCRIPT = """
 import sys
 from vllm.model_executor.models import registry
 
+from qwen_magic.backends.base import BatchRequest
 from qwen_magic.backends.vllm_local import Engine
 from qwen_magic.backends.vllm_options import EngineOptions
 

@@ -23,6 +23,25 @@ from collections.abc import Iterator
 from typing import Any
 
 
+class _NoTemplateWarmupWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Chat template warmup failed")
+
+
+@contextlib.contextmanager
+def without_template_warmup_warning() -> Iterator[None]:
+    """Drop the warning ``vllm.LLM()`` logs when it runs without a tokenizer (the engine makes
+    the text then): its chat template warm-up fails, and the warning carries the traceback,
+    whose frames hold the half-built engine wherever log records are kept."""
+    logger = logging.getLogger("vllm.renderers.base")
+    dropper = _NoTemplateWarmupWarning()
+    logger.addFilter(dropper)
+    try:
+        yield
+    finally:
+        logger.removeFilter(dropper)
+
+
 @contextlib.contextmanager
 def quiet_unless(verbose: bool) -> Iterator[None]:
     """Hide the library warnings (deprecations and the like) that vLLM's start-up emits."""
