@@ -17,7 +17,10 @@ A ``qwen-magic`` mode takes variants after slashes, to try a change before makin
 2, 4, ... 512); ``/verbose`` loads with ``--verbose`` (vLLM's log in the run's log);
 ``/no-replay`` forgets which modules the last load imported, so the background import at
 ``%load_ext`` imports vLLM alone (what a first load on a machine does); ``/v1-runner`` sets
-``VLLM_USE_V2_MODEL_RUNNER=0`` (vLLM 0.26 runs dense models on its V2 model runner by default).
+``VLLM_USE_V2_MODEL_RUNNER=0`` (vLLM 0.26 runs dense models on its V2 model runner by default);
+``/NAME=VALUE`` sets that environment variable in the run's process before anything loads;
+``/vllm-tokenizer`` has vLLM load the model's tokenizer and make the reply's text (what every
+load did before qwen-magic made the text itself).
 After the first reply, a ``qwen-magic`` run also times a reply of 8 samples (``-n 8``, Qwen's
 top-k 20 and top-p 0.8, 16 tokens), vLLM's first batch of 8 or more rows.
 
@@ -41,6 +44,7 @@ import getpass
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -91,6 +95,11 @@ def _clear_pycache() -> None:
 SAMPLER: Any = None  # the child's StackSampler with --profile-dir
 
 
+def _stem(mode: str) -> str:
+    """A file name for a run's mode: only letters, digits, ``+``, ``-``, ``_`` and dots."""
+    return re.sub(r"[^A-Za-z0-9._-]", "+", mode)
+
+
 def _phase(name: str) -> None:
     if SAMPLER is not None:
         SAMPLER.phase = name
@@ -102,6 +111,10 @@ def _qwen_magic(args: argparse.Namespace, started: float, mode: str) -> dict[str
     mode, *variants = mode.split("/")
     if "v1-runner" in variants:
         os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+    for variant in variants:  # NAME=VALUE: an environment variable, set before anything loads
+        name, equals, value = variant.partition("=")
+        if equals:
+            os.environ[name] = value
     if "no-replay" in variants:
         from qwen_magic.models import cache_root
 
@@ -126,6 +139,8 @@ def _qwen_magic(args: argparse.Namespace, started: float, mode: str) -> dict[str
         options["compile"] = True
     if "all-graphs" in variants:
         options["extra"] = {"compilation_config": ALL_GRAPHS}
+    if "vllm-tokenizer" in variants:  # vLLM loads its own tokenizer and makes the text
+        options["extra"] = {**options.get("extra", {}), "tokenizer": args.model}
 
     def note(phase: str) -> None:
         phases.append((phase, round(time.perf_counter() - load, 2)))
@@ -229,7 +244,7 @@ def child(args: argparse.Namespace) -> None:
         raise SystemExit(f"unknown mode {mode}")
     if sampler is not None:
         sampler.__exit__(None, None, None)
-        stem = args.profile_dir / f"run{args.run_number}-{mode.replace('/', '+')}"
+        stem = args.profile_dir / f"run{args.run_number}-{_stem(mode)}"
         stem.with_suffix(".profile.json").write_text(json.dumps(sampler.report(), indent=1))
         sampler.write_collapsed(stem.with_suffix(".stacks"))
     print("RESULT " + json.dumps(result), flush=True)
@@ -270,7 +285,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             entry.update(json.loads(lines[-1][len("RESULT ") :]))
         entry["wall_s"] = round(time.perf_counter() - spawned, 1)
         if args.profile_dir:
-            log = args.profile_dir / f"run{number}-{mode.replace('/', '+')}.log"
+            log = args.profile_dir / f"run{number}-{_stem(mode)}.log"
             log.write_text(done.stdout + "\n----- stderr\n" + done.stderr, encoding="utf-8")
         entry["cache_mb"] = {name: _size_mb(path) for name, path in CACHES.items()}
         print(json.dumps(entry), flush=True)

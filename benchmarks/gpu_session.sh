@@ -90,15 +90,18 @@ load-shape)
     ;;
 start)
     # Run in the background right after vLLM is unpacked (nothing has run vLLM yet). The staged
-    # copy has no bytecode and the image sets PYTHONDONTWRITEBYTECODE; compile it as pip install
-    # does, so the runs measure vLLM, not Python compiling vLLM in every process.
+    # copy and the image's own packages (torch, transformers, ...) have no bytecode, and the image
+    # sets PYTHONDONTWRITEBYTECODE; compile both as pip install does, so the runs measure vLLM,
+    # not Python compiling its source in every process (10.8 s of import against 18.3 s with
+    # vLLM's bytecode only, docs/benchmarks.md section g, fourth round).
     label=${2:-gpu-h100}
     export CUDA_VISIBLE_DEVICES=0
     begin=$SECONDS
-    python3 -m compileall -q -j 0 /tmp/site > /dev/null 2>&1 || true
+    purelib=$(python3 -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
+    python3 -m compileall -q -j 0 /tmp/site "$purelib" > /dev/null 2>&1 || true
     echo "compileall $((SECONDS - begin)) s" > "$out/start.log"
     python3 benchmarks/bench_start.py --model /tmp/models/random-0.5b \
-        --runs qwen-magic,qwen-magic,qwen-magic/all-graphs,qwen-magic/no-replay \
+        --runs qwen-magic,qwen-magic,qwen-magic/vllm-tokenizer,qwen-magic,qwen-magic/vllm-tokenizer \
         --out "$out/start-$label-fresh.json" >> "$out/start.log" 2>&1
     python3 benchmarks/bench_start.py --model /tmp/models/random-0.5b --runs qwen-magic \
         --reading-s 30 --out "$out/start-$label-reading30.json" >> "$out/start.log" 2>&1
