@@ -12,7 +12,12 @@ from typing import Any
 
 import pytest
 
-from qwen_magic.backends._detokenize import SampleText, load_tokenizer, tokenizer_file
+from qwen_magic.backends._detokenize import (
+    SampleText,
+    end_of_sequence_id,
+    load_tokenizer,
+    tokenizer_file,
+)
 
 IM_START, IM_END, ENDOFTEXT = 151644, 151645, 151643
 
@@ -140,3 +145,21 @@ def test_only_a_folder_with_tokenizer_json_has_a_tokenizer_file(
     assert tokenizer_file(str(tmp_path)) is None
     assert tokenizer_file("Qwen/Qwen2.5-0.5B-Instruct") is None
     assert tokenizer_file(str(tmp_path / "model.gguf")) is None
+
+
+def test_tokens_after_the_one_completing_a_stop_string_are_dropped(tokenizer: Any) -> None:
+    ids = tokenizer.encode("one two three four").ids  # one token per word
+    text = SampleText(tokenizer, [], [" two"])
+    assert text.feed(ids) == 2  # "one", " two": the rest came in the same step, past the stop
+    assert text.stop_string == " two" and text.take(finished=True) == "one"
+
+
+def test_the_end_of_sequence_token_is_read_as_transformers_reads_it(
+    tokenizer: Any, tiny_model: Path, tmp_path: Path
+) -> None:
+    assert end_of_sequence_id(str(tiny_model), tokenizer) == IM_END  # tokenizer_config.json
+    (tmp_path / "special_tokens_map.json").write_text('{"eos_token": {"content": "<|endoftext|>"}}')
+    assert end_of_sequence_id(str(tmp_path), tokenizer) == ENDOFTEXT
+    (tmp_path / "tokenizer_config.json").write_text("{not json")
+    assert end_of_sequence_id(str(tmp_path), tokenizer) == ENDOFTEXT
+    assert end_of_sequence_id(str(tmp_path / "missing"), tokenizer) is None

@@ -37,10 +37,11 @@ from qwen_magic.backends import (
     _vllm_startup,
     check_options,
 )
+from qwen_magic.backends._detokenize import load_tokenizer
 from qwen_magic.backends.base import BatchRequest
 from qwen_magic.backends.vllm_local import Engine
 from qwen_magic.backends.vllm_options import EngineError, EngineOptions
-from qwen_magic.chatml import ChatFormatter
+from qwen_magic.chatml import ChatFormatter, ChatTokenizer
 from qwen_magic.sampling import DEFAULT_MAX_TOKENS, default_max_tokens, validate
 
 IM_START, IM_END, ENDOFTEXT = 151644, 151645, 151643
@@ -251,7 +252,7 @@ def test_stream_deltas_join_to_vllms_own_output(engine: Engine, prompt_ids: list
     ids = list(output.outputs[0].token_ids)
     assert [token for delta in deltas for token in delta.token_ids] == ids
     # vLLM runs without its tokenizer here (its own text: the test with vLLM's tokenizer below)
-    assert engine.tokenizer().decode(ids, skip_special_tokens=True) == streamed
+    assert load_tokenizer(engine.model).decode(ids, skip_special_tokens=True) == streamed
 
 
 @pytest.mark.engine
@@ -273,11 +274,11 @@ def test_every_sampling_option_reaches_vllm(
     }
     _generate(engine, prompt_ids, n=2, **options)
     (params,) = sent
-    stop = options.pop("stop")
+    del options["stop"]
     for key, value in options.items():
         assert getattr(params, key) == value, key
     # vLLM runs without its tokenizer here, so the engine applies stop strings itself (below)
-    assert not params.stop and engine._text_tokenizer is not None and stop == ["zzz"]
+    assert not params.stop
     assert params.n == 2 and params.skip_special_tokens is True
     assert set(STOP_IDS) <= set(params.stop_token_ids)
     assert params.output_kind.name == "DELTA"
@@ -331,22 +332,36 @@ def test_stop_token_ids_are_honoured(engine: Engine, prompt_ids: list[int]) -> N
 
 
 @pytest.mark.engine
-def test_a_model_folder_runs_vllm_without_its_tokenizer(engine: Engine) -> None:
+def test_a_model_folder_runs_vllm_without_its_tokenizer(engine: Engine, tiny_model: Path) -> None:
     assert engine.llm.llm_engine.model_config.skip_tokenizer_init is True
-    assert engine.tokenizer().token_to_id("<|im_end|>") == IM_END
+    # what QwenChat(backend=engine) formats with: the folder's tokenizer and chat template
+    given = ChatTokenizer.load(engine.tokenizer())
+    assert given.chat_template
+    assert given.chat_template == ChatTokenizer.load(tiny_model).chat_template
+    assert given.im_end_id == IM_END
 
 
 @pytest.mark.engine
-def test_stop_strings_end_the_reply_before_them(engine: Engine, prompt_ids: list[int]) -> None:
+def test_stop_strings_end_the_reply_before_them(
+    engine: Engine, prompt_ids: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
     (whole,) = _generate(engine, prompt_ids, max_tokens=40, temperature=0)
     words = whole.split()
     stop = next(word for word in words[len(words) // 2 :] if len(word) > 2)
+    aborted: list[list[str]] = []
+    original = engine.llm.llm_engine.abort_request
+    monkeypatch.setattr(
+        engine.llm.llm_engine,
+        "abort_request",
+        lambda ids, *args, **kwargs: aborted.append(list(ids)) or original(ids, *args, **kwargs),
+    )
     stopped = list(
         engine.stream(prompt_ids, stop_token_ids=STOP_IDS, max_tokens=40, temperature=0, stop=stop)
     )
     assert "".join(delta.text for delta in stopped) == whole[: whole.index(stop)]
     assert stopped[-1].finished and stopped[-1].finish_reason == "stop"
-    assert sum(len(delta.token_ids) for delta in stopped) < 40  # the engine stopped there
+    assert sum(len(delta.token_ids) for delta in stopped) < 40
+    assert len(aborted) == 1  # vLLM, which cannot see stop strings, was stopped there
     _assert_idle_and_usable(engine, prompt_ids)
 
 
@@ -646,6 +661,7 @@ INSPECTION_SCRIPT = """
 import sys
 from vllm.model_executor.models import registry
 
+from qwen_magic.backends._detokenize import load_tokenizer
 from qwen_magic.backends.base import BatchRequest
 from qwen_magic.backends.vllm_local import Engine
 from qwen_magic.backends.vllm_options import EngineOptions

@@ -10,13 +10,15 @@ with ``skip_tokenizer_init=True`` and the text comes from here instead:
   prompt, as vLLM's fast detokenizer uses it (so a token's leading space and a character split
   over two tokens come out the same), special tokens skipped;
 - stop strings checked on the new text, the text that might begin one held back until it is
-  clear, and the reply cut before the stop string: vLLM's rules in
-  ``vllm/v1/engine/detokenizer.py`` (``check_stop_strings``), which vLLM cannot apply without its
-  tokenizer.
+  clear, the reply cut before the stop string and the tokens after it dropped: the rules of
+  vLLM 0.32's ``vllm/v1/engine/detokenizer.py`` (``check_stop_strings``: the stop string that
+  completes first wins; vLLM 0.26-0.31 took the first one listed), which vLLM cannot apply
+  without its tokenizer.
 """
 
 from __future__ import annotations
 
+import bisect
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -46,16 +48,20 @@ def load_tokenizer(model: str) -> Any:
 
 
 def end_of_sequence_id(model: str, tokenizer: Any) -> int | None:
-    """The id of the model's end-of-sequence token, named by ``tokenizer_config.json``: vLLM
-    stops on it when it has loaded the tokenizer, so without that the engine asks for it."""
-    try:
-        config = json.loads((Path(model).expanduser() / "tokenizer_config.json").read_text("utf-8"))
-    except (OSError, ValueError):
-        return None
-    token = config.get("eos_token") if isinstance(config, dict) else None
-    if isinstance(token, dict):  # {"content": "<|im_end|>", ...}
-        token = token.get("content")
-    return tokenizer.token_to_id(token) if isinstance(token, str) else None
+    """The id of the model's end-of-sequence token, named by ``tokenizer_config.json`` (or
+    ``special_tokens_map.json``) as transformers reads it: vLLM stops on it when it has loaded
+    the tokenizer, so without that the engine asks for it."""
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        try:
+            config = json.loads((Path(model).expanduser() / name).read_text("utf-8"))
+        except (OSError, ValueError):
+            continue
+        token = config.get("eos_token") if isinstance(config, dict) else None
+        if isinstance(token, dict):  # {"content": "<|im_end|>", ...}
+            token = token.get("content")
+        if isinstance(token, str) and (token_id := tokenizer.token_to_id(token)) is not None:
+            return token_id
+    return None
 
 
 def _stream(prompt_token_ids: Sequence[int]) -> Any:
@@ -91,18 +97,27 @@ class SampleText:
         self._shown = 0
         self.stop_string: str | None = None  # the stop string that ended the text, if any
 
-    def feed(self, token_ids: Sequence[int], *, ends_on_stop_token: bool = False) -> None:
+    def feed(self, token_ids: Sequence[int], *, ends_on_stop_token: bool = False) -> int:
         """Decode new token ids; ``ends_on_stop_token``: the last one is the stop token (or end
-        of sequence) that finished the sample, which is never shown."""
+        of sequence) that finished the sample, which is never shown.
+
+        Returns:
+            How many of ``token_ids`` belong to the sample: all of them, unless a stop string
+            ended it before the last (several tokens come in one step with speculative decoding).
+        """
         if self.stop_string is not None:
-            return
-        if ends_on_stop_token:
-            token_ids = token_ids[:-1]
-        checked = len(self.text)
-        for token_id in token_ids:
+            return 0
+        decoded = token_ids[:-1] if ends_on_stop_token else token_ids
+        offsets = [len(self.text)]  # the text's length before and after each new token
+        for token_id in decoded:
             self.text += self._step(token_id)
-        if self._stop and len(self.text) > checked:
-            self._cut_at_stop_string(new_chars=len(self.text) - checked)
+            offsets.append(len(self.text))
+        if not self._stop or len(self.text) == offsets[0]:
+            return len(token_ids)
+        stop_end = self._cut_at_stop_string(new_chars=len(self.text) - offsets[0])
+        if stop_end is None:
+            return len(token_ids)
+        return bisect.bisect_left(offsets, stop_end, lo=1)
 
     def take(self, *, finished: bool) -> str:
         """The text not yet taken; while unfinished, minus what could still begin a stop
@@ -126,17 +141,19 @@ class SampleText:
             self._stream = DecodeStream(skip_special_tokens=True)
             return self._stream.step(self._tokenizer, token_id) or ""
 
-    def _cut_at_stop_string(self, *, new_chars: int) -> None:
+    def _cut_at_stop_string(self, *, new_chars: int) -> int | None:
         """End the text before the stop string that completes first in the new text (ties: the
-        one listed first)."""
+        one listed first); returns where that stop string ended, None if none appeared."""
         best: tuple[int, int, str] | None = None  # (end, start, stop string)
         for stop in self._stop:
             start = self.text.find(stop, max(0, len(self.text) - new_chars - len(stop) + 1))
             if start != -1 and (best is None or start + len(stop) < best[0]):
                 best = (start + len(stop), start, stop)
-        if best is not None:
-            _end, start, self.stop_string = best
-            self.text = self.text[:start]
+        if best is None:
+            return None
+        end, start, self.stop_string = best
+        self.text = self.text[:start]
+        return end
 
 
 class ReplyTexts:
@@ -171,10 +188,10 @@ class ReplyTexts:
         text = self._texts.get(key)
         if text is None:
             text = self._texts[key] = SampleText(self._tokenizer, job.prompt_token_ids, job.stop)
-        text.feed(token_ids, ends_on_stop_token=sample.finish_reason == "stop")
+        kept = text.feed(token_ids, ends_on_stop_token=sample.finish_reason == "stop")
         reason = sample.finish_reason
         if text.stop_string is not None:
-            finished, reason = True, "stop"
+            finished, reason, token_ids = True, "stop", token_ids[:kept]
         if finished:
             self._ended.add(key)
         if job.final_only:

@@ -148,10 +148,7 @@ class Engine:
             ):
                 self._llm = self._start(vllm, kwargs, verbose=verbose)
             if loading is not None:
-                self._text_tokenizer = self._take_tokenizer(loading)
-                self._end_of_sequence = _detokenize.end_of_sequence_id(
-                    options.model, self._text_tokenizer
-                )
+                self._take_tokenizer(loading)
         threading.Thread(  # a cache for the next start: off the load's path (0.3 s)
             target=startup.record_load_imports,
             args=(modules_before, list(sys.modules)),
@@ -183,16 +180,23 @@ class Engine:
         self._empty_device_cache()
         raise failure from None
 
-    def _take_tokenizer(self, loading: Any) -> Any:
-        """The tokenizer read beside vLLM's start; if it cannot be read, unload and say so."""
+    def _take_tokenizer(self, loading: Any) -> None:
+        """Keep the tokenizer read beside vLLM's start; if it cannot be read (or the wait is
+        interrupted), unload and say so."""
         try:
-            return loading.result()
+            self._text_tokenizer = loading.result()
+            self._end_of_sequence = _detokenize.end_of_sequence_id(
+                self.options.model, self._text_tokenizer
+            )
         except Exception as error:
             self.close()
             raise EngineError(
                 f"cannot read {_detokenize.tokenizer_file(self.options.model)} ({error}): "
                 "replace the model folder's tokenizer.json with a good copy"
             ) from None
+        except BaseException:
+            self.close()
+            raise
 
     def __repr__(self) -> str:
         state = "closed" if self._llm is None else f"{self.max_model_len} tokens"
@@ -236,10 +240,10 @@ class Engine:
         return self._busy.locked()
 
     def tokenizer(self) -> Any:
-        """The model's tokenizer: vLLM's, or the ``tokenizers.Tokenizer`` this engine makes the
-        text with when vLLM runs without one."""
+        """The model's tokenizer, as :meth:`ChatTokenizer.load` takes it: the model folder when
+        this engine makes the text (its chat template is there), otherwise vLLM's tokenizer."""
         llm = self._require_llm()
-        return self._text_tokenizer if self._text_tokenizer is not None else llm.get_tokenizer()
+        return self.options.model if self._text_tokenizer is not None else llm.get_tokenizer()
 
     def set_verbose(self, verbose: bool) -> None:
         """Show (True) or hide (False) vLLM's log lines below ERROR, e.g. to debug a load."""
@@ -417,8 +421,10 @@ class Engine:
                         if delta is not None:
                             yield index, delta
                     if output.request_id in unfinished and texts.stopped(index):
-                        unfinished.discard(output.request_id)  # all its samples hit a stop string
-                        self._require_llm().llm_engine.abort_request([output.request_id])
+                        # every sample hit a stop string: vLLM, which cannot see them, stops
+                        with compat.interrupts_between_steps():
+                            self._require_llm().llm_engine.abort_request([output.request_id])
+                        unfinished.discard(output.request_id)
                 del outputs
         finally:
             guard.uninstall()
