@@ -64,15 +64,6 @@ def end_of_sequence_id(model: str, tokenizer: Any) -> int | None:
     return None
 
 
-def _stream(prompt_token_ids: Sequence[int]) -> Any:
-    from tokenizers.decoders import DecodeStream
-
-    try:
-        return DecodeStream(ids=list(prompt_token_ids), skip_special_tokens=True)
-    except TypeError:  # tokenizers before 0.22 cannot prime a stream
-        return None
-
-
 class SampleText:
     """The text of one sample, fed its token ids as they arrive.
 
@@ -83,14 +74,11 @@ class SampleText:
     """
 
     def __init__(self, tokenizer: Any, prompt_token_ids: Sequence[int], stop: Sequence[str] = ()):
-        self._tokenizer = tokenizer
-        self._stream = _stream(prompt_token_ids)
-        if self._stream is None:  # an older tokenizers: prime by hand with the prompt's end
-            from tokenizers.decoders import DecodeStream
+        from tokenizers.decoders import DecodeStream
 
-            self._stream = DecodeStream(skip_special_tokens=True)
-            for token_id in prompt_token_ids[-8:]:
-                self._step(token_id)
+        self._tokenizer = tokenizer
+        # primed with the prompt, as vLLM does (the tokenizers that vLLM needs can do that)
+        self._stream = DecodeStream(ids=list(prompt_token_ids), skip_special_tokens=True)
         self._stop = list(stop)
         self._hold_back = max((len(text) for text in self._stop), default=1) - 1
         self.text = ""
